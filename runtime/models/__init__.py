@@ -1,0 +1,1 @@
+"""Our own model code: plain nn.Modules whose state_dict keys match diffusers/transformers."""
