@@ -1,0 +1,17 @@
+"""Shared comparison helpers for parity tests against diffusers/transformers."""
+
+import torch
+
+
+def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|: the issue's "max relative error", stable near zero elements."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != reference {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), "output has NaN/Inf"
+    scale = expected.abs().max().clamp_min(1e-30)
+    return ((actual - expected).abs().max() / scale).item()
+
+
+def assert_parity(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-4, what: str = "output") -> None:
+    err = max_rel_error(actual, expected)
+    assert err <= tol, f"{what}: max relative error {err:.3e} > {tol:.0e}"
