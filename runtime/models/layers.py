@@ -1,0 +1,239 @@
+"""Building blocks shared by the UNet and the VAE, with diffusers' parameter names.
+
+Two operations dominate a diffusion UNet besides its matrix products: GroupNorm (+SiLU) and attention. Every
+block calls them through `group_norm` and `attention` below, so a backend can swap in fused kernels
+(`use_ops`) without touching the model code or its state_dict.
+"""
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _group_norm_torch(
+    x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float, silu: bool
+) -> torch.Tensor:
+    y = F.group_norm(x, num_groups, weight, bias, eps)
+    return F.silu(y) if silu else y
+
+
+def _attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q [B, H, Sq, D], k/v [B, H, Sk, D] (any strides) -> [B, H, Sq, D]."""
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+_ops: dict[str, Callable] = {"group_norm": _group_norm_torch, "attention": _attention_torch}
+
+
+def use_ops(group_norm: Callable | None = None, attention: Callable | None = None) -> None:
+    """Route every block's GroupNorm / attention through other implementations (None restores torch's)."""
+    _ops["group_norm"] = group_norm or _group_norm_torch
+    _ops["attention"] = attention or _attention_torch
+
+
+def group_norm(x, num_groups, weight, bias, eps, silu=False):
+    return _ops["group_norm"](x, num_groups, weight, bias, eps, silu)
+
+
+def attention(q, k, v):
+    return _ops["attention"](q, k, v)
+
+
+class GroupNorm(nn.GroupNorm):
+    """GroupNorm with an optional SiLU after it, so that a fused kernel can do both in one pass."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, silu: bool = False):
+        super().__init__(num_groups, num_channels, eps=eps, affine=True)
+        self.silu = silu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.silu)
+
+
+class ResnetBlock2D(nn.Module):
+    """GroupNorm-SiLU-conv twice, with an optional timestep embedding added in between (diffusers' ResnetBlock2D)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int | None = 1280,
+        groups: int = 32,
+        eps: float = 1e-6,
+        output_scale_factor: float = 1.0,
+    ):
+        super().__init__()
+        self.norm1 = GroupNorm(groups, in_channels, eps, silu=True)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
+        self.norm2 = GroupNorm(groups, out_channels, eps, silu=True)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.output_scale_factor = output_scale_factor
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(self.norm1(x))
+        if self.time_emb_proj is not None:
+            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.norm2(h))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        out = x + h
+        if self.output_scale_factor != 1.0:
+            out = out / self.output_scale_factor
+        return out
+
+
+class Attention(nn.Module):
+    """Multi-head attention over token sequences [B, S, C]; self-attention when `context` is None."""
+
+    def __init__(
+        self,
+        query_dim: int,
+        context_dim: int | None = None,
+        heads: int = 8,
+        dim_head: int = 64,
+        bias: bool = False,
+    ):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=bias)
+        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=bias)
+        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=bias)
+        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim), nn.Dropout(0.0)])
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        b, h = x.shape[0], self.heads
+        # [B, S, H*D] -> [B, H, S, D] as a strided view: the attention kernels take any strides, so no copy.
+        q = self.to_q(x).unflatten(-1, (h, -1)).transpose(1, 2)
+        k = self.to_k(context).unflatten(-1, (h, -1)).transpose(1, 2)
+        v = self.to_v(context).unflatten(-1, (h, -1)).transpose(1, 2)
+        out = attention(q, k, v).transpose(1, 2).reshape(b, x.shape[1], -1)
+        return self.to_out[0](out)
+
+
+class SpatialSelfAttention(Attention):
+    """The VAE's single-head attention over an image [B, C, H, W]: GroupNorm, attention, residual add."""
+
+    def __init__(self, channels: int, groups: int = 32, eps: float = 1e-6):
+        super().__init__(channels, heads=1, dim_head=channels, bias=True)
+        self.group_norm = GroupNorm(groups, channels, eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, hgt, wid = x.shape
+        tokens = self.group_norm(x).flatten(2).transpose(1, 2)
+        out = super().forward(tokens)
+        return x + out.transpose(1, 2).reshape(b, c, hgt, wid)
+
+
+class GEGLU(nn.Module):
+    """Gated GELU projection, Shazeer 2020 (https://arxiv.org/abs/2002.05202)."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, gate = self.proj(x).chunk(2, dim=-1)
+        return h * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](self.net[0](x))
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm self-attention, cross-attention to the text, GEGLU feed-forward, each with a residual."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads=heads, dim_head=dim_head)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, context_dim, heads=heads, dim_head=dim_head)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class Transformer2DModel(nn.Module):
+    """GroupNorm, project into tokens, `depth` transformer blocks, project back, residual (diffusers' names)."""
+
+    def __init__(
+        self,
+        channels: int,
+        heads: int,
+        dim_head: int,
+        context_dim: int,
+        depth: int = 1,
+        groups: int = 32,
+        use_linear_projection: bool = False,
+    ):
+        super().__init__()
+        inner = heads * dim_head
+        self.use_linear_projection = use_linear_projection
+        self.norm = GroupNorm(groups, channels, eps=1e-6)
+        # SD1.x projects with 1x1 convolutions, SD2.x/SDXL with linear layers: same maths, different weight shapes.
+        proj = nn.Linear if use_linear_projection else (lambda i, o: nn.Conv2d(i, o, 1))
+        self.proj_in = proj(channels, inner)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth)
+        )
+        self.proj_out = proj(inner, channels)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, c, hgt, wid = x.shape
+        h = self.norm(x)
+        if self.use_linear_projection:
+            h = self.proj_in(h.flatten(2).transpose(1, 2))
+        else:
+            h = self.proj_in(h).flatten(2).transpose(1, 2)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        if self.use_linear_projection:
+            h = self.proj_out(h).transpose(1, 2).reshape(b, c, hgt, wid)
+        else:
+            h = self.proj_out(h.transpose(1, 2).reshape(b, -1, hgt, wid))
+        return x + h
+
+
+class Downsample2D(nn.Module):
+    """Stride-2 3x3 convolution. The VAE encoder pads (0, 1, 0, 1) by hand instead of padding 1 (padding=0)."""
+
+    def __init__(self, channels: int, out_channels: int | None = None, padding: int = 1):
+        super().__init__()
+        self.padding = padding
+        self.conv = nn.Conv2d(channels, out_channels or channels, 3, stride=2, padding=padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding == 0:
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class Upsample2D(nn.Module):
+    """Nearest-neighbour 2x upsampling followed by a 3x3 convolution."""
+
+    def __init__(self, channels: int, out_channels: int | None = None):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, size=size, mode="nearest")
+        return self.conv(x)
