@@ -1,0 +1,229 @@
+"""Tiny AutoEncoder for Stable Diffusion (TAESD / TAESDXL, Boer Bohan 2023, https://github.com/madebyollin/taesd).
+
+A distilled stand-in for the KL VAE: plain 3x3 convolutions and ReLU, no normalization or attention.
+State_dict keys equal diffusers' `AutoencoderTiny` (`encoder.layers.*`, `decoder.layers.*`). TAESD's latents live
+in the UNet's latent scale already (its diffusers config says `scaling_factor` 1.0, `shift_factor` 0.0), so the
+pipeline's usual `latents / scaling_factor + shift_factor` before `decode` is a no-op for it.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+_ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "silu": nn.SiLU,
+    "swish": nn.SiLU,
+    "gelu": nn.GELU,
+    "mish": nn.Mish,
+}
+_UPSAMPLE_MODES = ("nearest", "nearest-exact", "bilinear", "bicubic")
+
+
+@dataclass(frozen=True)
+class TAESDConfig:
+    """Architecture and latent scaling of an AutoencoderTiny (diffusers `config.json`)."""
+
+    encoder_block_out_channels: tuple[int, ...] = (64, 64, 64, 64)
+    decoder_block_out_channels: tuple[int, ...] = (64, 64, 64, 64)
+    num_encoder_blocks: tuple[int, ...] = (1, 3, 3, 3)  # per level: (stride-2 conv unless first), then N blocks
+    num_decoder_blocks: tuple[int, ...] = (3, 3, 3, 1)  # per level: N blocks, then (upsample unless last), conv
+    latent_channels: int = 4
+    in_channels: int = 3
+    out_channels: int = 3
+    act_fn: str = "relu"
+    upsample_fn: str = "nearest"
+    upsampling_scaling_factor: int = 2
+    # scale_latents/unscale_latents map raw latents to [0, 1] and back (x / (2 * magnitude) + shift), for
+    # storing latents as 8-bit images; decode/encode do not use them.
+    latent_magnitude: float = 3
+    latent_shift: float = 0.5
+    scaling_factor: float = 1.0  # the pipeline's latents / scaling_factor + shift_factor before decode: identity
+    shift_factor: float = 0.0
+    force_upcast: bool = False  # runs fine in fp16
+
+    def __post_init__(self):
+        for name in (
+            "encoder_block_out_channels",
+            "decoder_block_out_channels",
+            "num_encoder_blocks",
+            "num_decoder_blocks",
+        ):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        for side in ("encoder", "decoder"):
+            channels, blocks = getattr(self, f"{side}_block_out_channels"), getattr(self, f"num_{side}_blocks")
+            if len(channels) != len(blocks) or not channels:
+                raise ValueError(
+                    f"{side}_block_out_channels {channels} and num_{side}_blocks {blocks} must be equally long, "
+                    "with at least one level"
+                )
+            # diffusers' EncoderTiny/DecoderTiny feed level i-1's output into level i's convs built for level i's
+            # width, so only equal widths run there; a checkpoint with unequal ones cannot exist.
+            if len(set(channels)) != 1:
+                raise ValueError(
+                    f"{side}_block_out_channels {channels}: AutoencoderTiny needs one width for all levels"
+                )
+        if self.act_fn not in _ACTIVATIONS:
+            raise ValueError(f"act_fn {self.act_fn!r} is not supported; choose one of {sorted(_ACTIVATIONS)}")
+        if self.upsample_fn not in _UPSAMPLE_MODES:
+            raise ValueError(
+                f"upsample_fn {self.upsample_fn!r} is not supported; choose one of {list(_UPSAMPLE_MODES)}"
+            )
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Image pixels per latent pixel along each side (8 for TAESD): one stride-2 conv per encoder level but the first."""
+        return 2 ** (len(self.num_encoder_blocks) - 1)
+
+    @classmethod
+    def from_diffusers(cls, config: dict[str, Any]) -> "TAESDConfig":
+        """Read a diffusers AutoencoderTiny `config.json` dict; missing keys take diffusers' defaults."""
+        class_name = config.get("_class_name", "AutoencoderTiny")
+        if class_name != "AutoencoderTiny":
+            raise ValueError(f"config is for {class_name!r}, not 'AutoencoderTiny'")
+        # diffusers writes `block_out_channels` (a copy of decoder_block_out_channels) into the config it saves.
+        unknown = sorted(k for k in config if not k.startswith("_") and k not in _DIFFUSERS_DEFAULTS)
+        unknown = [k for k in unknown if k != "block_out_channels"]
+        if unknown:
+            raise ValueError(
+                f"unsupported AutoencoderTiny config keys {unknown}; supported: {sorted(_DIFFUSERS_DEFAULTS)}"
+            )
+        c = {**_DIFFUSERS_DEFAULTS, **config}
+        c["force_upcast"] = False  # diffusers overrides whatever the file says
+        return cls(**{k: c[k] for k in _DIFFUSERS_DEFAULTS})
+
+    @classmethod
+    def preset(cls, name: str) -> "TAESDConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown TAESD preset {name!r}; choose one of {sorted(PRESETS)}")
+        return PRESETS[name]
+
+
+# diffusers' AutoencoderTiny.__init__ defaults: what a config.json without the key means.
+_DIFFUSERS_DEFAULTS: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "encoder_block_out_channels": (64, 64, 64, 64),
+    "decoder_block_out_channels": (64, 64, 64, 64),
+    "act_fn": "relu",
+    "upsample_fn": "nearest",
+    "latent_channels": 4,
+    "upsampling_scaling_factor": 2,
+    "num_encoder_blocks": (1, 3, 3, 3),
+    "num_decoder_blocks": (3, 3, 3, 1),
+    "latent_magnitude": 3,
+    "latent_shift": 0.5,
+    "force_upcast": False,
+    "scaling_factor": 1.0,
+    "shift_factor": 0.0,
+}
+
+PRESETS: dict[str, TAESDConfig] = {
+    "taesd": TAESDConfig(),  # SD1.x/SD2.x latents
+    "taesdxl": TAESDConfig(),  # SDXL latents: same architecture and latent API, other weights
+    # Same layer pattern (strided convs, 3-conv residual blocks, upsamples, biased last conv), 16 wide, 1 block a level.
+    "tiny": TAESDConfig((16,) * 4, (16,) * 4, (1, 1, 1, 1), (1, 1, 1, 1)),
+}
+
+
+class AutoencoderTinyBlock(nn.Module):
+    """act(conv-act-conv-act-conv(x) + skip(x)); diffusers names: conv.{0,2,4}, skip, fuse."""
+
+    def __init__(self, in_channels: int, out_channels: int, act_fn: str):
+        super().__init__()
+        act = _ACTIVATIONS[act_fn]
+        self.conv = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 3, padding=1),
+            act(),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+            act(),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+        )
+        self.skip = (
+            nn.Conv2d(in_channels, out_channels, 1, bias=False) if in_channels != out_channels else nn.Identity()
+        )
+        self.fuse = nn.ReLU()  # ReLU whatever act_fn is, as in diffusers and the original
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fuse(self.conv(x) + self.skip(x))
+
+
+class EncoderTiny(nn.Module):
+    """Image [B, 3, H, W] in [-1, 1] -> latents [B, latent_channels, H / 8, W / 8] in the UNet's scale."""
+
+    def __init__(self, config: TAESDConfig):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i, (ch, n) in enumerate(zip(config.encoder_block_out_channels, config.num_encoder_blocks)):
+            if i == 0:
+                layers.append(nn.Conv2d(config.in_channels, ch, 3, padding=1))
+            else:
+                layers.append(nn.Conv2d(ch, ch, 3, padding=1, stride=2, bias=False))
+            layers += [AutoencoderTinyBlock(ch, ch, config.act_fn) for _ in range(n)]
+        layers.append(nn.Conv2d(config.encoder_block_out_channels[-1], config.latent_channels, 3, padding=1))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x.add(1).div(2))  # TAESD itself works on images in [0, 1]
+
+
+class DecoderTiny(nn.Module):
+    """Latents in the UNet's scale -> image in [-1, 1] (not clamped; the latents are soft-clamped to (-3, 3))."""
+
+    def __init__(self, config: TAESDConfig):
+        super().__init__()
+        channels, counts = config.decoder_block_out_channels, config.num_decoder_blocks
+        layers: list[nn.Module] = [
+            nn.Conv2d(config.latent_channels, channels[0], 3, padding=1),
+            _ACTIVATIONS[config.act_fn](),
+        ]
+        for i, (ch, n) in enumerate(zip(channels, counts)):
+            last = i == len(channels) - 1
+            layers += [AutoencoderTinyBlock(ch, ch, config.act_fn) for _ in range(n)]
+            if not last:
+                layers.append(nn.Upsample(scale_factor=config.upsampling_scaling_factor, mode=config.upsample_fn))
+            layers.append(nn.Conv2d(ch, config.out_channels if last else ch, 3, padding=1, bias=last))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.tanh(x / 3) * 3  # smooth clamp of outlying latents, as TAESD's own Clamp module
+        return self.layers(x).mul(2).sub(1)  # TAESD outputs [0, 1]; diffusers' convention is [-1, 1]
+
+
+class AutoencoderTiny(nn.Module):
+    """TAESD / TAESDXL with diffusers' AutoencoderTiny state_dict keys and encode/decode conventions."""
+
+    def __init__(self, config: TAESDConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = EncoderTiny(config)
+        self.decoder = DecoderTiny(config)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Image [B, 3, H, W] in [-1, 1] -> latents [B, 4, H/8, W/8], deterministic (no distribution to sample).
+
+        Like diffusers' `AutoencoderTiny.encode(x).latents`; the pipeline's `* scaling_factor` (1.0) leaves them as is.
+        """
+        return self.encoder(x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents [B, 4, h, w] -> image [B, 3, 8h, 8w], nominally in [-1, 1] and not clamped (as diffusers).
+
+        The input passes through tanh(z / 3) * 3 first, so latents far outside (-3, 3) are squashed, not wrapped.
+        """
+        return self.decoder(z)
+
+    def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw latents -> [0, 1] (clamped), for storing them as 8-bit images."""
+        return z.div(2 * self.config.latent_magnitude).add(self.config.latent_shift).clamp(0, 1)
+
+    def unscale_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """[0, 1] -> raw latents; the inverse of scale_latents inside its unclamped range."""
+        return z.sub(self.config.latent_shift).mul(2 * self.config.latent_magnitude)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Round trip through 8-bit latents, as diffusers' AutoencoderTiny.forward."""
+        z = self.scale_latents(self.encode(x)).mul(255).round().byte()
+        return self.decode(self.unscale_latents(z / 255.0))
