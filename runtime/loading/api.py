@@ -108,6 +108,8 @@ def read_checkpoint_components(
             sched = os.path.join(path, "scheduler", "scheduler_config.json")
             if os.path.isfile(sched):
                 ckpt.scheduler_config = df.read_json(sched)
+                pred = ckpt.scheduler_config.get("prediction_type", "epsilon")
+                ckpt.reasons.append(f"prediction_type {pred} (scheduler/scheduler_config.json)")
         elif df.is_component_folder(path):
             comp = _component_from_folder(os.path.basename(os.path.normpath(path)), path, variant, allow_pickle)
             ckpt = Checkpoint(path, "component folder", None, {comp.name: comp})
@@ -116,7 +118,7 @@ def read_checkpoint_components(
         unet = next((c for c in ckpt.components.values() if c.class_name == "UNet2DConditionModel"), None)
         if unet is not None:
             ckpt.family, why = unet_family(unet.config)
-            ckpt.reasons.append(why)
+            ckpt.reasons.insert(0, why)
         return ckpt
 
     tensors = read_checkpoint(path, allow_pickle)
