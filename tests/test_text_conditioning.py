@@ -1,0 +1,132 @@
+"""Prompt -> UNet conditioning: ours (diffrt tokenizer + text encoders) against diffusers' own encode_prompt.
+
+diffusers' StableDiffusionPipeline / StableDiffusionXLPipeline(+Img2Img for the refiner) are built around the
+transformers text encoders and transformers tokenizers (no UNet, no VAE: encode_prompt does not touch them), and
+their `encode_prompt` is called as it is. Ours load the same saved weights and the same vocabulary folders.
+"""
+
+import types
+import warnings
+
+import pytest
+import torch
+
+from diffrt.models.text_conditioning import PromptEncoder, encode_prompt
+from diffrt.tokenizer import CLIPTokenizer
+from tests.clip_vocab import EOS, build_clip_vocab
+from tests.parity import assert_parity
+from tests.test_clip import PRESETS, load_ours, save_reference
+
+PROMPTS = [
+    ["a photo of an astronaut riding a horse on mars"],
+    ["masterpiece, best quality, Zürich at night, 東京 🌸", "an extremely long prompt " + "cat dog " * 60],
+]
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    """Saved tiny text encoders and vocab folders, and both sides' tokenizer/encoder objects."""
+    from transformers import CLIPTokenizer as ReferenceTokenizer
+
+    root = tmp_path_factory.mktemp("conditioning")
+    out = {}
+    for name, pad in (("tiny-clip-l", EOS), ("tiny-openclip-h", "!"), ("tiny-openclip-bigg", "!")):
+        vocab = build_clip_vocab(root / name / "tokenizer", pad_token=pad)
+        reference = save_reference(PRESETS[name], root / name / "text_encoder", seed=len(out))
+        if not hasattr(reference, "text_model"):
+            # diffusers 0.42's clip_skip path calls text_encoder.text_model.final_layer_norm, a module transformers 5
+            # moved to text_encoder.final_layer_norm; point the old name at the same LayerNorm (no new weights).
+            reference.text_model = types.SimpleNamespace(final_layer_norm=reference.final_layer_norm)
+        out[name] = {
+            "reference": reference,
+            "reference_tokenizer": ReferenceTokenizer.from_pretrained(str(vocab)),
+            "ours": load_ours(root / name / "text_encoder"),
+            "tokenizer": CLIPTokenizer.from_pretrained(vocab),
+        }
+    return out
+
+
+def _scheduler():
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(steps_offset=1)
+
+
+def _quiet():
+    from diffusers.utils import logging
+
+    logging.set_verbosity_error()  # diffusers logs the truncation of the long prompt; ours warns (checked below)
+    warnings.simplefilter("ignore")
+
+
+@pytest.mark.parametrize("prompt", PROMPTS, ids=["batch1", "batch2"])
+@pytest.mark.parametrize("clip_skip", [None, 1, 2])
+@pytest.mark.parametrize("encoder", ["tiny-clip-l", "tiny-openclip-h"])
+def test_sd_matches_diffusers(parts, encoder, clip_skip, prompt):
+    from diffusers import StableDiffusionPipeline
+
+    p = parts[encoder]
+    pipe = StableDiffusionPipeline(vae=None, text_encoder=p["reference"], tokenizer=p["reference_tokenizer"],
+                                   unet=None, scheduler=_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)  # fmt: skip
+    with warnings.catch_warnings(), torch.no_grad():
+        _quiet()
+        expected, _ = pipe.encode_prompt(prompt, "cpu", 1, False, clip_skip=clip_skip)
+        embeds, pooled = encode_prompt(prompt, p["tokenizer"], p["ours"], clip_skip=clip_skip)
+    assert pooled is None
+    assert_parity(embeds, expected, what=f"prompt_embeds (clip_skip={clip_skip})")
+
+
+@pytest.mark.parametrize("prompt", PROMPTS, ids=["batch1", "batch2"])
+@pytest.mark.parametrize("clip_skip", [None, 1])
+@pytest.mark.parametrize("prompt_2", [None, "a different second prompt"])
+def test_sdxl_matches_diffusers(parts, clip_skip, prompt, prompt_2):
+    from diffusers import StableDiffusionXLPipeline
+
+    p1, p2 = parts["tiny-clip-l"], parts["tiny-openclip-bigg"]
+    pipe = StableDiffusionXLPipeline(vae=None, text_encoder=p1["reference"], text_encoder_2=p2["reference"],
+                                     tokenizer=p1["reference_tokenizer"], tokenizer_2=p2["reference_tokenizer"],
+                                     unet=None, scheduler=_scheduler())  # fmt: skip
+    prompt_2 = None if prompt_2 is None else [prompt_2] * len(prompt)
+    with warnings.catch_warnings(), torch.no_grad():
+        _quiet()
+        expected, _, expected_pooled, _ = pipe.encode_prompt(
+            prompt, prompt_2, "cpu", 1, do_classifier_free_guidance=False, clip_skip=clip_skip
+        )
+        embeds, pooled = encode_prompt(prompt, p1["tokenizer"], p1["ours"], p2["tokenizer"], p2["ours"],
+                                       prompt_2=prompt_2, clip_skip=clip_skip)  # fmt: skip
+    widths = PRESETS["tiny-clip-l"].hidden_size + PRESETS["tiny-openclip-bigg"].hidden_size
+    assert embeds.shape == (len(prompt), 77, widths)
+    assert_parity(embeds, expected, what="prompt_embeds")
+    assert_parity(pooled, expected_pooled, what="pooled (text_embeds)")
+
+
+def test_sdxl_refiner_matches_diffusers(parts):
+    """The refiner conditions on text_encoder_2 alone."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    p2 = parts["tiny-openclip-bigg"]
+    pipe = StableDiffusionXLImg2ImgPipeline(vae=None, text_encoder=None, text_encoder_2=p2["reference"],
+                                            tokenizer=None, tokenizer_2=p2["reference_tokenizer"], unet=None,
+                                            scheduler=_scheduler(), requires_aesthetics_score=True)  # fmt: skip
+    prompt = PROMPTS[1]
+    with warnings.catch_warnings(), torch.no_grad():
+        _quiet()
+        expected, _, expected_pooled, _ = pipe.encode_prompt(prompt, None, "cpu", 1, False)
+        embeds, pooled = encode_prompt(prompt, None, None, p2["tokenizer"], p2["ours"])
+    assert_parity(embeds, expected, what="prompt_embeds")
+    assert_parity(pooled, expected_pooled, what="pooled")
+
+
+def test_truncation_warns_and_bad_arguments(parts):
+    p1, p2 = parts["tiny-clip-l"], parts["tiny-openclip-bigg"]
+    with pytest.warns(UserWarning, match="tokens were dropped"):
+        encode_prompt(PROMPTS[1], p1["tokenizer"], p1["ours"])
+    with pytest.raises(ValueError, match="clip_skip 12 is out of range; this text encoder allows 0..3"):
+        PromptEncoder(p1["ours"], clip_skip=12)
+    with pytest.raises(ValueError, match="allows 0..2"):  # SDXL counts from the penultimate layer of the shallower
+        PromptEncoder(p1["ours"], p2["ours"], clip_skip=3)
+    with pytest.raises(ValueError, match="must have a text_projection"):
+        PromptEncoder(p1["ours"], p1["ours"])
+    with pytest.raises(ValueError, match="prompt_2 has 1 entries but prompt has 2"):
+        encode_prompt(PROMPTS[1], p1["tokenizer"], p1["ours"], p2["tokenizer"], p2["ours"], prompt_2=["x"])
