@@ -36,6 +36,10 @@ _SAMPLER_FOR_CLASS = {
 FEW_STEP_SAMPLERS = ("lcm", "tcd", "turbo")  # distilled models: a few steps, no classifier-free guidance
 
 
+def default_steps(sampler: str) -> int:
+    return {"lcm": 4, "tcd": 4, "turbo": 1}.get(sampler, 25)
+
+
 @dataclass
 class Components:
     """The modules and files one pipeline runs; text_encoder is None for an SDXL refiner-style checkpoint."""
@@ -151,8 +155,7 @@ class Pipeline:
         Returns the images, or (images, latents) with return_latents.
         """
         sampler = sampler or self.default_sampler()
-        if steps is None:
-            steps = {"lcm": 4, "tcd": 4, "turbo": 1}.get(sampler, 25)
+        steps = default_steps(sampler) if steps is None else steps
         if guidance_scale is None:
             guidance_scale = 1.0 if sampler in FEW_STEP_SAMPLERS else (5.0 if self.sdxl else 7.5)
         if image is not None and (height is None or width is None):
