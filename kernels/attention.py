@@ -1,0 +1,339 @@
+"""Fused attention forward for the UNet: FlashAttention-style (Dao et al. 2022, https://arxiv.org/abs/2205.14135).
+
+softmax(q k^T * scale) v with an online softmax in fp32 and no materialised score matrix, for q/k/v laid out
+[B, S, H, D] with any strides (last one 1), so they can come straight out of a fused QKV projection.
+
+What the UNet needs that a generic kernel does not:
+- Cross-attention has 77 (or 154) keys: when the whole key length fits one block, the kernel takes a single-block
+  path (one max, one exp, one division; no rescaling loop).
+- Head dims 40, 80 and 160 (SD 1.x) are not powers of two. Triton tiles are, so the head dim is covered by two
+  power-of-two pieces (40 = 32 + 16 with 8 masked, 80 = 64 + 16, 160 = 128 + 32) instead of one padded tile
+  (64, 128, 256): 25-60% fewer wasted matrix-unit operations. Autotuning may still pick the single padded tile.
+"""
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+# Longest key length served by the single-block path (keys padded to a power of two).
+SINGLE_BLOCK_MAX_KEYS = 256
+
+
+def _short_bench(kernel_call, quantiles):
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+def _head_split(head_dim: int, split: bool) -> tuple[int, int]:
+    """(D0, D1): power-of-two pieces (>= 16 each, D1 may be 0) covering head_dim."""
+    full = max(16, triton.next_power_of_2(head_dim))
+    if not split or full == head_dim or full // 2 < 16:
+        return full, 0
+    d0 = full // 2
+    return d0, max(16, triton.next_power_of_2(head_dim - d0))
+
+
+def _smem_ok(config, named_args, single: bool) -> bool:
+    # Rough shared-memory estimate (K and V tiles per pipeline stage plus Q) against the H100's 227 KB.
+    d0, d1 = _head_split(named_args["HEAD_DIM"], config.kwargs.get("SPLIT_D", False))
+    block_n = triton.next_power_of_2(max(16, named_args["SK"])) if single else config.kwargs["BLOCK_N"]
+    stages = 1 if single else config.num_stages
+    return 2 * (2 * stages * block_n + config.kwargs["BLOCK_M"]) * (d0 + d1) <= 200 * 1024
+
+
+def _prune(single: bool):
+    def prune(configs, named_args, **kwargs):
+        pow2 = triton.next_power_of_2(named_args["HEAD_DIM"]) == named_args["HEAD_DIM"]
+        keep = [c for c in configs if not (pow2 and c.kwargs.get("SPLIT_D")) and _smem_ok(c, named_args, single)]
+        return keep or configs[:1]
+
+    return prune
+
+
+def _configs(single: bool):
+    if single:
+        tiles = [(128, None, 8, 1), (64, None, 4, 1)]
+    else:
+        tiles = [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)]
+    out = []
+    for split in (True, False):
+        for bm, bn, warps, stages in tiles:
+            kw = {"BLOCK_M": bm, "SPLIT_D": split}
+            if bn is not None:
+                kw["BLOCK_N"] = bn
+            out.append(triton.Config(kw, num_warps=warps, num_stages=stages))
+    return out[:1] if _INTERPRET else out
+
+
+def _heuristics():
+    return triton.heuristics(
+        {
+            "D0": lambda a: _head_split(a["HEAD_DIM"], a["SPLIT_D"])[0],
+            "D1": lambda a: _head_split(a["HEAD_DIM"], a["SPLIT_D"])[1],
+            "EVEN_M": lambda a: a["SQ"] % a["BLOCK_M"] == 0,
+            "EVEN_N": lambda a: a["SK"] % a["BLOCK_N"] == 0,
+        }
+    )
+
+
+@triton.jit
+def _attention_kernel(
+    Q,  # [B, SQ, H, HEAD_DIM] queries, strides (stride_qb, stride_qs, stride_qh, 1)
+    K,  # [B, SK, H, HEAD_DIM] keys
+    V,  # [B, SK, H, HEAD_DIM] values
+    O,  # [B, SQ, H, HEAD_DIM] output
+    stride_qb,  # q batch stride / STRIDE_MULT
+    stride_qs,  # q sequence stride / STRIDE_MULT
+    stride_qh,  # q head stride / STRIDE_MULT
+    stride_kb,  # k batch stride / STRIDE_MULT
+    stride_ks,  # k sequence stride / STRIDE_MULT
+    stride_kh,  # k head stride / STRIDE_MULT
+    stride_vb,  # v batch stride / STRIDE_MULT
+    stride_vs,  # v sequence stride / STRIDE_MULT
+    stride_vh,  # v head stride / STRIDE_MULT
+    stride_ob,  # o batch stride / STRIDE_MULT
+    stride_os,  # o sequence stride / STRIDE_MULT
+    stride_oh,  # o head stride / STRIDE_MULT
+    H,  # heads
+    SQ,  # query length
+    SK,  # key length
+    qk_scale,  # softmax scale * log2(e): scores go through exp2
+    HEAD_DIM: tl.constexpr,  # true head dim
+    SPLIT_D: tl.constexpr,  # cover the head dim with two power-of-two pieces (tuning knob, read by heuristics)
+    D0: tl.constexpr,  # first head-dim piece (power of two)
+    D1: tl.constexpr,  # second head-dim piece starting at D0 (power of two), 0 if none
+    BLOCK_M: tl.constexpr,  # queries per program
+    BLOCK_N: tl.constexpr,  # keys per iteration (>= SK on the single-block path)
+    SINGLE_BLOCK: tl.constexpr,  # all keys in one block: plain softmax, no rescaling loop
+    EVEN_M: tl.constexpr,  # SQ % BLOCK_M == 0: no query mask
+    EVEN_N: tl.constexpr,  # SK % BLOCK_N == 0: no key mask
+    STRIDE_MULT: tl.constexpr,  # every stride is a multiple of this (8: 16-byte rows, so loads vectorise)
+    DOT_FP32: tl.constexpr,  # upcast dot operands (interpreter: its bf16 dot is wrong in triton 3.9)
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    # Strides arrive divided by STRIDE_MULT so the compiler can prove 16-byte alignment (head dim 40 gives a head
+    # stride of 40, which Triton's divisible-by-16 specialisation would miss).
+    q_base = Q + (b * stride_qb + h * stride_qh) * STRIDE_MULT
+    k_base = K + (b * stride_kb + h * stride_kh) * STRIDE_MULT
+    v_base = V + (b * stride_vb + h * stride_vh) * STRIDE_MULT
+    o_base = O + (b * stride_ob + h * stride_oh) * STRIDE_MULT
+    stride_qs = stride_qs * STRIDE_MULT
+    stride_ks = stride_ks * STRIDE_MULT
+    stride_vs = stride_vs * STRIDE_MULT
+    stride_os = stride_os * STRIDE_MULT
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    d0 = tl.arange(0, D0)
+    m_ok = offs_m < SQ
+    q_mask0 = m_ok[:, None] & (d0[None, :] < HEAD_DIM)
+    q0 = tl.load(q_base + offs_m[:, None] * stride_qs + d0[None, :], mask=q_mask0, other=0.0)
+    if DOT_FP32:
+        q0 = q0.to(tl.float32)
+    acc0 = tl.zeros([BLOCK_M, D0], tl.float32)
+    if D1 > 0:
+        d1 = D0 + tl.arange(0, D1)
+        q_mask1 = m_ok[:, None] & (d1[None, :] < HEAD_DIM)
+        q1 = tl.load(q_base + offs_m[:, None] * stride_qs + d1[None, :], mask=q_mask1, other=0.0)
+        if DOT_FP32:
+            q1 = q1.to(tl.float32)
+        acc1 = tl.zeros([BLOCK_M, D1], tl.float32)
+
+    if SINGLE_BLOCK:
+        # Cross-attention: every key in one tile.
+        n_ok = offs_n < SK
+        kv_mask0 = n_ok[:, None] & (d0[None, :] < HEAD_DIM)
+        k0 = tl.load(k_base + offs_n[:, None] * stride_ks + d0[None, :], mask=kv_mask0, other=0.0)
+        v0 = tl.load(v_base + offs_n[:, None] * stride_vs + d0[None, :], mask=kv_mask0, other=0.0)
+        if DOT_FP32:
+            k0 = k0.to(tl.float32)
+        qk = tl.dot(q0, tl.trans(k0))
+        if D1 > 0:
+            kv_mask1 = n_ok[:, None] & (d1[None, :] < HEAD_DIM)
+            k1 = tl.load(k_base + offs_n[:, None] * stride_ks + d1[None, :], mask=kv_mask1, other=0.0)
+            v1 = tl.load(v_base + offs_n[:, None] * stride_vs + d1[None, :], mask=kv_mask1, other=0.0)
+            if DOT_FP32:
+                k1 = k1.to(tl.float32)
+            qk = tl.dot(q1, tl.trans(k1), qk)
+        qk = tl.where(n_ok[None, :], qk * qk_scale, float("-inf"))
+        m_i = tl.max(qk, 1)
+        p = tl.exp2(qk - m_i[:, None])
+        l_i = tl.sum(p, 1)
+        p = p.to(V.dtype.element_ty)
+        if DOT_FP32:
+            p = p.to(tl.float32)
+            v0 = v0.to(tl.float32)
+        acc0 = tl.dot(p, v0, acc0)
+        if D1 > 0:
+            if DOT_FP32:
+                v1 = v1.to(tl.float32)
+            acc1 = tl.dot(p, v1, acc1)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        for start_n in range(0, SK, BLOCK_N):
+            cols = start_n + offs_n
+            n_ok = cols < SK
+            if EVEN_N:
+                kv_mask0 = d0[None, :] < HEAD_DIM
+            else:
+                kv_mask0 = n_ok[:, None] & (d0[None, :] < HEAD_DIM)
+            if D0 > HEAD_DIM or not EVEN_N:  # masks only where a piece runs past the head dim
+                k0 = tl.load(k_base + cols[:, None] * stride_ks + d0[None, :], mask=kv_mask0, other=0.0)
+            else:
+                k0 = tl.load(k_base + cols[:, None] * stride_ks + d0[None, :])
+            if DOT_FP32:
+                k0 = k0.to(tl.float32)
+            qk = tl.dot(q0, tl.trans(k0))
+            if D1 > 0:
+                if EVEN_N:
+                    kv_mask1 = d1[None, :] < HEAD_DIM
+                else:
+                    kv_mask1 = n_ok[:, None] & (d1[None, :] < HEAD_DIM)
+                if D0 + D1 > HEAD_DIM or not EVEN_N:
+                    k1 = tl.load(k_base + cols[:, None] * stride_ks + d1[None, :], mask=kv_mask1, other=0.0)
+                else:
+                    k1 = tl.load(k_base + cols[:, None] * stride_ks + d1[None, :])
+                if DOT_FP32:
+                    k1 = k1.to(tl.float32)
+                qk = tl.dot(q1, tl.trans(k1), qk)
+            if not EVEN_N:
+                qk = tl.where(n_ok[None, :], qk, float("-inf"))
+            # Online softmax (Milakov & Gimelshein 2018) in the exp2 domain; the scale folds into one FMA.
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.exp2(qk * qk_scale - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+            p = p.to(V.dtype.element_ty)
+            if DOT_FP32:
+                p = p.to(tl.float32)
+            if D0 > HEAD_DIM or not EVEN_N:  # masks only where a piece runs past the head dim
+                v0 = tl.load(v_base + cols[:, None] * stride_vs + d0[None, :], mask=kv_mask0, other=0.0)
+            else:
+                v0 = tl.load(v_base + cols[:, None] * stride_vs + d0[None, :])
+            if DOT_FP32:
+                v0 = v0.to(tl.float32)
+            acc0 = tl.dot(p, v0, acc0 * alpha[:, None])
+            if D1 > 0:
+                if D0 + D1 > HEAD_DIM or not EVEN_N:
+                    v1 = tl.load(v_base + cols[:, None] * stride_vs + d1[None, :], mask=kv_mask1, other=0.0)
+                else:
+                    v1 = tl.load(v_base + cols[:, None] * stride_vs + d1[None, :])
+                if DOT_FP32:
+                    v1 = v1.to(tl.float32)
+                acc1 = tl.dot(p, v1, acc1 * alpha[:, None])
+
+    inv_l = 1.0 / l_i
+    o_ptrs0 = o_base + offs_m[:, None] * stride_os + d0[None, :]
+    out0 = (acc0 * inv_l[:, None]).to(O.dtype.element_ty)
+    if EVEN_M and D0 <= HEAD_DIM:
+        tl.store(o_ptrs0, out0)
+    else:
+        tl.store(o_ptrs0, out0, mask=q_mask0)
+    if D1 > 0:
+        out1 = (acc1 * inv_l[:, None]).to(O.dtype.element_ty)
+        tl.store(o_base + offs_m[:, None] * stride_os + d1[None, :], out1, mask=q_mask1)
+
+
+_KEY = ["SQ", "SK", "HEAD_DIM"]
+_attention_loop = triton.autotune(
+    _configs(single=False), key=_KEY, prune_configs_by={"early_config_prune": _prune(False)}, do_bench=_short_bench
+)(_heuristics()(_attention_kernel))
+_attention_single = triton.autotune(
+    _configs(single=True), key=_KEY, prune_configs_by={"early_config_prune": _prune(True)}, do_bench=_short_bench
+)(_heuristics()(_attention_kernel))
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    want_device = "cpu" if _INTERPRET else "cuda"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device.type != want_device:
+            raise ValueError(
+                f"{name} is on {t.device}; attention runs on CUDA tensors (CPU only under TRITON_INTERPRET=1), "
+                f"expected a {want_device} tensor"
+            )
+        if t.dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"{name} has dtype {t.dtype}; allowed: float16, bfloat16")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [batch, seq, heads, head_dim], got shape {tuple(t.shape)}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name}'s head dim must be contiguous (stride 1), got strides {t.stride()}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    b, _, h, d = q.shape
+    if k.shape != v.shape or k.shape[0] != b or k.shape[2] != h or k.shape[3] != d:
+        raise ValueError(
+            f"k and v must be [batch={b}, keys, heads={h}, head_dim={d}], got k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if not 1 <= d <= 256:
+        raise ValueError(f"head_dim {d} is not supported; allowed: 1 to 256 (UNets use 40, 64, 80, 128, 160)")
+    if k.shape[1] == 0:
+        raise ValueError("k and v have no keys; attention needs at least one")
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """softmax(q k^T * scale) v for q [B, Sq, H, D], k/v [B, Sk, H, D]; returns [B, Sq, H, D].
+
+    The result is a new contiguous tensor, or `out` (any strides with the head dim contiguous, e.g. a view of the
+    [B, Sq, H * D] input of the output projection).
+
+    scale defaults to 1/sqrt(D). The first call per shape autotunes, so call once before capturing a CUDA graph.
+    """
+    _check_inputs(q, k, v)
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    if out is None:
+        o = torch.empty((b, sq, h, d), device=q.device, dtype=q.dtype)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
+        raise ValueError(
+            f"out must be {tuple(q.shape)} {q.dtype} on {q.device} with a contiguous head dim, got "
+            f"{tuple(out.shape)} {out.dtype} on {out.device} with strides {out.stride()}"
+        )
+    else:
+        o = out
+    if o.numel() == 0:
+        return o
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3])
+    aligned = all(t.data_ptr() % 16 == 0 for t in (q, k, v, o))
+    mult = 8 if aligned and all(st % 8 == 0 for st in strides) else 1
+    args = (q, k, v, o, *(st // mult for st in strides), h, sq, sk)
+    dot_fp32 = _INTERPRET and q.dtype == torch.bfloat16
+
+    def grid(meta):
+        return (triton.cdiv(sq, meta["BLOCK_M"]), b * h)
+
+    if sk <= SINGLE_BLOCK_MAX_KEYS:
+        _attention_single[grid](
+            *args, scale * math.log2(math.e), HEAD_DIM=d, BLOCK_N=max(16, triton.next_power_of_2(sk)),
+            SINGLE_BLOCK=True, STRIDE_MULT=mult, DOT_FP32=dot_fp32,
+        )  # fmt: skip
+    else:
+        _attention_loop[grid](
+            *args, scale * math.log2(math.e), HEAD_DIM=d, SINGLE_BLOCK=False, STRIDE_MULT=mult, DOT_FP32=dot_fp32
+        )
+    return o
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Plain torch: F.scaled_dot_product_attention on [B, S, H, D] views, in q's dtype; returns [B, Sq, H, D].
+
+    The tests' reference (on fp32 copies, where the math backend is exact fp32) and the benchmark's peer.
+    """
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+    return out.transpose(1, 2)

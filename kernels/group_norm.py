@@ -1,0 +1,510 @@
+"""GroupNorm (Wu & He 2018) with an optional pre-norm add and an optional fused SiLU, in Triton.
+
+y = silu?(group_norm(x + residual?)) for x of shape [N, C, *spatial] in NCHW or channels-last memory format, read
+through its strides (no permute copies). Statistics are fp32 and combined with Chan et al.'s parallel variance
+formula (https://en.wikipedia.org/wiki/Algorithms_for_calculating_variance#Parallel_algorithm): every block's
+mean and M2 come from a two-pass over registers, so large means and large variances do not cancel.
+
+Two algorithms:
+- "fused": one program per (sample, group); it reads the group once for the statistics and again (from L1/L2) to
+  normalise. One launch: best for small groups, where launch latency dominates.
+- "split": the SD VAE and the 1024² UNet have groups of up to millions of elements and only 32 groups per image,
+  so the reduction is split over the spatial axis: a stats kernel writes per-channel partial (mean, M2) for each
+  spatial chunk, a finalize kernel folds them into per-channel scale/shift, and an apply kernel normalises. The
+  grid fills the SMs at batch 1; the apply kernel walks memory backwards so it starts on what the stats kernel
+  left in L2.
+"""
+
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+# Under Triton's CPU interpreter autotuning cannot time anything: keep one config so tests stay fast.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+# Above this many elements per group the "split" algorithm is used (see _choose_algorithm).
+FUSED_MAX_GROUP_ELEMENTS = 16384
+# Fewest spatial positions one stats program reduces; splits are capped by this and by MAX_SPLITS.
+MIN_SPLIT_ROWS = 128
+MAX_SPLITS = 64
+
+
+def _short_bench(kernel_call, quantiles):
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+def _autotune(configs, key, prune=None):
+    if _INTERPRET:
+        configs = configs[:1]
+    kwargs = {"do_bench": _short_bench}
+    if prune is not None:
+        kwargs["prune_configs_by"] = {"early_config_prune": prune}
+    return triton.autotune(configs=configs, key=key, **kwargs)
+
+
+def _cfg(num_warps, **blocks):
+    return triton.Config(blocks, num_warps=num_warps)
+
+
+# Tiles are [BLOCK_S, BLOCK_C]. NCHW wants long contiguous spatial runs, channels-last wants wide channel runs.
+_FUSED_CONFIGS = [_cfg(4, BLOCK_S=64), _cfg(8, BLOCK_S=128), _cfg(4, BLOCK_S=256)]
+_NCHW_CONFIGS = [_cfg(4, BLOCK_S=256, BLOCK_C=8), _cfg(8, BLOCK_S=512, BLOCK_C=8), _cfg(4, BLOCK_S=128, BLOCK_C=16)]
+_NHWC_CONFIGS = [_cfg(4, BLOCK_S=16, BLOCK_C=128), _cfg(8, BLOCK_S=32, BLOCK_C=128), _cfg(4, BLOCK_S=8, BLOCK_C=256)]
+
+
+def _prune_by_layout(configs, named_args, **kwargs):
+    # Channels-last tensors have a channel stride of 1; pick the tile family that reads them contiguously.
+    family = _NHWC_CONFIGS if named_args["sxc"] == 1 else _NCHW_CONFIGS
+    return [c for c in configs if c in family] or configs[:1]
+
+
+@_autotune(_FUSED_CONFIGS, key=["C", "S", "CG", "sxc"])
+@triton.jit
+def _group_norm_fused_kernel(
+    X,  # [N, C, S] input; strides (sxn, sxc, sxs) cover NCHW (sxs == 1) and channels-last (sxc == 1)
+    R,  # [N, C, S] residual added before the norm (strides may be 0 to broadcast), or X when unused
+    Y,  # [N, C, S] output, strides (syn, syc, sys)
+    HSUM,  # [N, C, S] x + residual written when WRITE_SUM (same strides as Y), else Y
+    W,  # [C] weight, or X when unused
+    B,  # [C] bias, or X when unused
+    sxn,  # x sample stride
+    sxc,  # x channel stride
+    sxs,  # x spatial stride
+    srn,  # residual sample stride
+    src,  # residual channel stride
+    srs,  # residual spatial stride
+    syn,  # y sample stride
+    syc,  # y channel stride
+    sys,  # y spatial stride
+    C,  # channels
+    S,  # spatial size (H * W)
+    G,  # groups
+    CG,  # channels per group (C // G)
+    eps,  # added to the variance
+    HAS_W: tl.constexpr,  # weight given
+    HAS_B: tl.constexpr,  # bias given
+    HAS_RES: tl.constexpr,  # residual given
+    WRITE_SUM: tl.constexpr,  # also store x + residual
+    SILU: tl.constexpr,  # fuse SiLU
+    BLOCK_C: tl.constexpr,  # power of two >= CG
+    BLOCK_S: tl.constexpr,  # spatial positions per tile
+):
+    pid = tl.program_id(0)
+    n = pid // G
+    g = pid % G
+    cl = tl.arange(0, BLOCK_C)
+    c = g * CG + cl
+    c_ok = cl < CG
+    rows = tl.arange(0, BLOCK_S)
+    x_base = X + n.to(tl.int64) * sxn
+    r_base = R + n.to(tl.int64) * srn
+
+    count = 0.0
+    mean = 0.0
+    m2 = 0.0
+    for s0 in range(0, S, BLOCK_S):
+        s = s0 + rows
+        mask = (s < S)[:, None] & c_ok[None, :]
+        h = tl.load(x_base + s[:, None] * sxs + c[None, :] * sxc, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RES:
+            h += tl.load(r_base + s[:, None] * srs + c[None, :] * src, mask=mask, other=0.0).to(tl.float32)
+        nb = (tl.minimum(S - s0, BLOCK_S) * CG).to(tl.float32)
+        mb = tl.sum(h) / nb
+        d = tl.where(mask, h - mb, 0.0)
+        m2b = tl.sum(d * d)
+        # Chan, Golub & LeVeque (1979) pairwise update: exact for any mean offset, no sum-of-squares cancellation.
+        tot = count + nb
+        delta = mb - mean
+        mean = mean + delta * (nb / tot)
+        m2 = m2 + m2b + delta * delta * (count * nb / tot)
+        count = tot
+
+    rstd = 1.0 / tl.sqrt(m2 / count + eps)
+    scale = tl.full([BLOCK_C], 1.0, tl.float32)
+    if HAS_W:
+        scale = tl.load(W + c, mask=c_ok, other=0.0).to(tl.float32)
+    shift = tl.zeros([BLOCK_C], tl.float32)
+    if HAS_B:
+        shift = tl.load(B + c, mask=c_ok, other=0.0).to(tl.float32)
+    scale = scale * rstd
+    shift = shift - mean * scale
+
+    y_base = Y + n.to(tl.int64) * syn
+    hs_base = HSUM + n.to(tl.int64) * syn
+    for s0 in range(0, S, BLOCK_S):
+        s = s0 + rows
+        mask = (s < S)[:, None] & c_ok[None, :]
+        h = tl.load(x_base + s[:, None] * sxs + c[None, :] * sxc, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RES:
+            h += tl.load(r_base + s[:, None] * srs + c[None, :] * src, mask=mask, other=0.0).to(tl.float32)
+        y = h * scale[None, :] + shift[None, :]
+        if SILU:
+            y = y / (1.0 + tl.exp(-y))
+        offs = s[:, None] * sys + c[None, :] * syc
+        tl.store(y_base + offs, y.to(Y.dtype.element_ty), mask=mask)
+        if WRITE_SUM:
+            tl.store(hs_base + offs, h.to(HSUM.dtype.element_ty), mask=mask)
+
+
+@_autotune(_NCHW_CONFIGS + _NHWC_CONFIGS, key=["C", "S", "SPLIT", "sxc"], prune=_prune_by_layout)
+@triton.jit
+def _group_norm_stats_kernel(
+    X,  # [N, C, S] input (strides as in the fused kernel)
+    R,  # [N, C, S] residual, or X when unused
+    PMEAN,  # [N, SPLIT, C] fp32 out: per-channel mean of each spatial chunk
+    PM2,  # [N, SPLIT, C] fp32 out: per-channel sum of squared deviations of each chunk
+    sxn,  # x sample stride
+    sxc,  # x channel stride
+    sxs,  # x spatial stride
+    srn,  # residual sample stride
+    src,  # residual channel stride
+    srs,  # residual spatial stride
+    C,  # channels
+    S,  # spatial size
+    SPLIT,  # spatial chunks per sample
+    CHUNK,  # spatial positions per chunk (the last one may be shorter)
+    HAS_RES: tl.constexpr,  # residual given
+    C_INNER: tl.constexpr,  # channels-last memory order
+    BLOCK_S: tl.constexpr,  # spatial positions per tile
+    BLOCK_C: tl.constexpr,  # channels per program
+):
+    pid = tl.program_id(0)
+    num_c = (C + BLOCK_C - 1) // BLOCK_C
+    if C_INNER:  # channels-last: channel blocks vary fastest, so the linear id follows memory order
+        cb = pid % num_c
+        sp = (pid // num_c) % SPLIT
+        n = pid // (num_c * SPLIT)
+    else:
+        sp = pid % SPLIT
+        cb = (pid // SPLIT) % num_c
+        n = pid // (SPLIT * num_c)
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    rows = tl.arange(0, BLOCK_S)
+    x_base = X + n.to(tl.int64) * sxn
+    r_base = R + n.to(tl.int64) * srn
+    start = sp * CHUNK
+    end = tl.minimum(S, start + CHUNK)
+
+    count = 0.0
+    mean = tl.zeros([BLOCK_C], tl.float32)
+    m2 = tl.zeros([BLOCK_C], tl.float32)
+    for s0 in range(start, end, BLOCK_S):
+        s = s0 + rows
+        mask = (s < end)[:, None] & c_ok[None, :]
+        h = tl.load(x_base + s[:, None] * sxs + c[None, :] * sxc, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RES:
+            h += tl.load(r_base + s[:, None] * srs + c[None, :] * src, mask=mask, other=0.0).to(tl.float32)
+        nb = tl.minimum(end - s0, BLOCK_S).to(tl.float32)
+        mb = tl.sum(h, 0) / nb
+        d = tl.where(mask, h - mb[None, :], 0.0)
+        m2b = tl.sum(d * d, 0)
+        # Chan, Golub & LeVeque (1979) pairwise update: exact for any mean offset, no sum-of-squares cancellation.
+        tot = count + nb
+        delta = mb - mean
+        mean = mean + delta * (nb / tot)
+        m2 = m2 + m2b + delta * delta * (count * nb / tot)
+        count = tot
+
+    out = (n * SPLIT + sp).to(tl.int64) * C + c
+    tl.store(PMEAN + out, mean, mask=c_ok)
+    tl.store(PM2 + out, m2, mask=c_ok)
+
+
+@triton.jit
+def _group_norm_finalize_kernel(
+    PMEAN,  # [N, SPLIT, C] fp32 per-chunk channel means
+    PM2,  # [N, SPLIT, C] fp32 per-chunk channel M2
+    W,  # [C] weight, or PMEAN when unused
+    B,  # [C] bias, or PMEAN when unused
+    SCALE,  # [N, C] fp32 out: rstd * weight
+    SHIFT,  # [N, C] fp32 out: bias - mean * rstd * weight
+    C,  # channels
+    S,  # spatial size
+    G,  # groups
+    CG,  # channels per group
+    SPLIT,  # chunks per sample
+    CHUNK,  # spatial positions per chunk
+    total,  # CG * S as a float: elements per group
+    eps,  # added to the variance
+    HAS_W: tl.constexpr,  # weight given
+    HAS_B: tl.constexpr,  # bias given
+    BLOCK_SPLIT: tl.constexpr,  # power of two >= SPLIT
+    BLOCK_CG: tl.constexpr,  # power of two >= CG
+):
+    pid = tl.program_id(0)
+    n = pid // G
+    g = pid % G
+    sp = tl.arange(0, BLOCK_SPLIT)
+    cl = tl.arange(0, BLOCK_CG)
+    c = g * CG + cl
+    mask = (sp < SPLIT)[:, None] & (cl < CG)[None, :]
+    offs = (n * SPLIT + sp[:, None]).to(tl.int64) * C + c[None, :]
+    pm = tl.load(PMEAN + offs, mask=mask, other=0.0)
+    pm2 = tl.load(PM2 + offs, mask=mask, other=0.0)
+    cnt = tl.minimum(tl.maximum(S - sp * CHUNK, 0), CHUNK).to(tl.float32)[:, None]
+    mean = tl.sum(pm * cnt) / total
+    d = tl.where(mask, pm - mean, 0.0)
+    m2 = tl.sum(pm2) + tl.sum(d * d * cnt)
+    rstd = 1.0 / tl.sqrt(m2 / total + eps)
+
+    c_ok = cl < CG
+    scale = tl.full([BLOCK_CG], 1.0, tl.float32)
+    if HAS_W:
+        scale = tl.load(W + c, mask=c_ok, other=0.0).to(tl.float32)
+    shift = tl.zeros([BLOCK_CG], tl.float32)
+    if HAS_B:
+        shift = tl.load(B + c, mask=c_ok, other=0.0).to(tl.float32)
+    scale = scale * rstd
+    tl.store(SCALE + n * C + c, scale, mask=c_ok)
+    tl.store(SHIFT + n * C + c, shift - mean * scale, mask=c_ok)
+
+
+@_autotune(_NCHW_CONFIGS + _NHWC_CONFIGS, key=["C", "S", "sxc"], prune=_prune_by_layout)
+@triton.jit
+def _group_norm_apply_kernel(
+    X,  # [N, C, S] input
+    R,  # [N, C, S] residual, or X when unused
+    Y,  # [N, C, S] output
+    HSUM,  # [N, C, S] x + residual out when WRITE_SUM, else Y
+    SCALE,  # [N, C] fp32 per-channel scale
+    SHIFT,  # [N, C] fp32 per-channel shift
+    sxn,  # x sample stride
+    sxc,  # x channel stride
+    sxs,  # x spatial stride
+    srn,  # residual sample stride
+    src,  # residual channel stride
+    srs,  # residual spatial stride
+    syn,  # y sample stride
+    syc,  # y channel stride
+    sys,  # y spatial stride
+    C,  # channels
+    S,  # spatial size
+    HAS_RES: tl.constexpr,  # residual given
+    WRITE_SUM: tl.constexpr,  # also store x + residual
+    SILU: tl.constexpr,  # fuse SiLU
+    C_INNER: tl.constexpr,  # channels-last memory order
+    BLOCK_S: tl.constexpr,  # spatial positions per tile
+    BLOCK_C: tl.constexpr,  # channels per tile
+):
+    num_s = (S + BLOCK_S - 1) // BLOCK_S
+    num_c = (C + BLOCK_C - 1) // BLOCK_C
+    # Walk memory backwards: the stats kernel just read it forwards, so its tail is still in L2.
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
+    if C_INNER:  # channels-last: channel blocks vary fastest, so the linear id follows memory order
+        cb = pid % num_c
+        sb = (pid // num_c) % num_s
+        n = pid // (num_c * num_s)
+    else:
+        sb = pid % num_s
+        cb = (pid // num_s) % num_c
+        n = pid // (num_s * num_c)
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    s = sb * BLOCK_S + tl.arange(0, BLOCK_S)
+    c_ok = c < C
+    mask = (s < S)[:, None] & c_ok[None, :]
+    h = tl.load((X + n.to(tl.int64) * sxn) + s[:, None] * sxs + c[None, :] * sxc, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        h += tl.load((R + n.to(tl.int64) * srn) + s[:, None] * srs + c[None, :] * src, mask=mask, other=0.0).to(
+            tl.float32
+        )
+    scale = tl.load(SCALE + n * C + c, mask=c_ok, other=0.0)
+    shift = tl.load(SHIFT + n * C + c, mask=c_ok, other=0.0)
+    y = h * scale[None, :] + shift[None, :]
+    if SILU:
+        y = y / (1.0 + tl.exp(-y))
+    offs = n.to(tl.int64) * syn + s[:, None] * sys + c[None, :] * syc
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+    if WRITE_SUM:
+        tl.store(HSUM + offs, h.to(HSUM.dtype.element_ty), mask=mask)
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # interpreter: a few programs are enough to exercise the split path
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _choose_algorithm(n: int, c: int, g: int, s: int) -> str:
+    # One program per group has only N*G programs (32 at batch 1) but a single launch: worth it while the group
+    # is small enough that launch latency, not bandwidth, sets the time.
+    return "fused" if (c // g) * s <= FUSED_MAX_GROUP_ELEMENTS else "split"
+
+
+def _num_splits(n: int, c: int, s: int, device: torch.device) -> int:
+    # Enough (sample, chunk) programs that, with ~C/64 channel blocks, the stats grid covers the SMs ~4 times.
+    want = max(1, 4 * _sm_count(device) // max(1, n * max(1, c // 64)))
+    return max(1, min(want, MAX_SPLITS, triton.cdiv(s, MIN_SPLIT_ROWS)))
+
+
+def _check_inputs(x, num_groups, weight, bias, residual, return_sum) -> None:
+    allowed = (torch.float32, torch.float16, torch.bfloat16)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    want_device = "cpu" if _INTERPRET else "cuda"
+    if x.device.type != want_device:
+        raise ValueError(
+            f"x is on {x.device}; group_norm runs on CUDA tensors (CPU only under TRITON_INTERPRET=1), "
+            f"expected a {want_device} tensor"
+        )
+    if x.dtype not in allowed:
+        raise ValueError(f"x has dtype {x.dtype}; allowed: float32, float16, bfloat16")
+    if x.dim() < 2:
+        raise ValueError(f"x must have shape [N, C, *spatial], got {tuple(x.shape)}")
+    c = x.shape[1]
+    if not isinstance(num_groups, int) or num_groups <= 0 or c % num_groups != 0:
+        divisors = [d for d in (32, 16, 8, 4, 2, 1) if c % d == 0]
+        raise ValueError(
+            f"num_groups {num_groups} does not divide the {c} channels; use a divisor such as {divisors[0]}"
+        )
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        if p.device != x.device:
+            raise ValueError(f"{name} is on {p.device} but x is on {x.device}")
+        if p.dtype not in allowed:
+            raise ValueError(f"{name} has dtype {p.dtype}; allowed: float32, float16, bfloat16")
+        if p.shape != (c,):
+            raise ValueError(f"{name} must have shape ({c},) for {c} channels, got {tuple(p.shape)}")
+    if residual is not None:
+        if residual.device != x.device:
+            raise ValueError(f"residual is on {residual.device} but x is on {x.device}")
+        if residual.dtype != x.dtype:
+            raise ValueError(f"residual has dtype {residual.dtype} but x has {x.dtype}; they must match")
+        per_channel = residual.shape[:2] == x.shape[:2] and all(d == 1 for d in residual.shape[2:])
+        if residual.shape != x.shape and not per_channel:
+            raise ValueError(
+                f"residual must have x's shape {tuple(x.shape)} or be per-channel {tuple(x.shape[:2])} + (1, ...), "
+                f"got {tuple(residual.shape)}"
+            )
+        if return_sum and residual.shape != x.shape:
+            raise ValueError("return_sum needs a residual of x's full shape")
+    elif return_sum:
+        raise ValueError("return_sum=True needs a residual")
+
+
+def _flat_strides(t: torch.Tensor, name: str) -> tuple[int, int, int]:
+    """(sample, channel, spatial) strides of t viewed as [N, C, S]; spatial dims must collapse to one stride."""
+    n, c = t.shape[:2]
+    try:
+        v = t.view(n, c, -1)
+    except RuntimeError:
+        raise ValueError(
+            f"{name}'s spatial dims cannot be read with one stride (shape {tuple(t.shape)}, strides {t.stride()}); "
+            f"pass a contiguous or channels_last tensor"
+        ) from None
+    return v.stride()
+
+
+def group_norm(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    silu: bool = False,
+    residual: torch.Tensor | None = None,
+    return_sum: bool = False,
+    algorithm: str = "auto",
+    out: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """silu?(group_norm(x + residual?)), same shape, dtype and memory format as x (or written into `out`).
+
+    residual has x's shape, or is per-channel ([N, C, 1, 1], e.g. the ResNet block's time embedding). With
+    return_sum=True the kernel also writes x + residual and returns (y, x + residual). algorithm is "auto",
+    "fused" or "split" (see the module docstring); the first call per shape autotunes, so call once before
+    capturing a CUDA graph.
+    """
+    _check_inputs(x, num_groups, weight, bias, residual, return_sum)
+    if algorithm not in ("auto", "fused", "split"):
+        raise ValueError(f"algorithm {algorithm!r} is not one of 'auto', 'fused', 'split'")
+    n, c = x.shape[:2]
+    s = x[0, 0].numel() if x.numel() else 0
+    if out is not None and (out.shape != x.shape or out.dtype != x.dtype or out.device != x.device):
+        raise ValueError(
+            f"out must match x (shape {tuple(x.shape)}, {x.dtype}, {x.device}), "
+            f"got {tuple(out.shape)}, {out.dtype}, {out.device}"
+        )
+    y = torch.empty_like(x) if out is None else out
+    hsum = torch.empty_like(x) if return_sum else y
+    if x.numel() == 0:
+        return (y, hsum) if return_sum else y
+    if c * s >= 2**31:
+        raise ValueError(f"one sample has {c * s} elements; at most 2**31 - 1 are supported")
+    sx = _flat_strides(x, "x")
+    sy = _flat_strides(y, "output")
+    if residual is not None:
+        r = residual if residual.shape == x.shape else residual.view(n, c, *[1] * (x.dim() - 2)).expand_as(x)
+        sr = _flat_strides(r, "residual")
+    else:
+        r, sr = x, (0, 0, 0)
+    w = weight if weight is not None else x
+    b = bias if bias is not None else x
+    flags = {"HAS_RES": residual is not None, "WRITE_SUM": return_sum, "SILU": silu}
+    g = num_groups
+    if algorithm == "auto":
+        algorithm = _choose_algorithm(n, c, g, s)
+
+    if algorithm == "fused":
+        _group_norm_fused_kernel[(n * g,)](
+            x, r, y, hsum, w, b, *sx, *sr, *sy, c, s, g, c // g, eps,
+            HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_C=triton.next_power_of_2(c // g), **flags,
+        )  # fmt: skip
+        return (y, hsum) if return_sum else y
+
+    split = _num_splits(n, c, s, x.device)
+    chunk = triton.cdiv(s, split)
+    split = triton.cdiv(s, chunk)
+    c_inner = sx[1] == 1
+    pmean = torch.empty((n, split, c), device=x.device, dtype=torch.float32)
+    pm2 = torch.empty_like(pmean)
+    scale = torch.empty((n, c), device=x.device, dtype=torch.float32)
+    shift = torch.empty_like(scale)
+
+    def stats_grid(meta):
+        return (n * split * triton.cdiv(c, meta["BLOCK_C"]),)
+
+    _group_norm_stats_kernel[stats_grid](
+        x, r, pmean, pm2, *sx, *sr, c, s, split, chunk, HAS_RES=residual is not None, C_INNER=c_inner
+    )
+    _group_norm_finalize_kernel[(n * g,)](
+        pmean, pm2, weight if weight is not None else pmean, bias if bias is not None else pmean, scale, shift,
+        c, s, g, c // g, split, chunk, float((c // g) * s), eps,
+        HAS_W=weight is not None, HAS_B=bias is not None,
+        BLOCK_SPLIT=triton.next_power_of_2(split), BLOCK_CG=triton.next_power_of_2(c // g),
+    )  # fmt: skip
+
+    def apply_grid(meta):
+        return (n * triton.cdiv(s, meta["BLOCK_S"]) * triton.cdiv(c, meta["BLOCK_C"]),)
+
+    _group_norm_apply_kernel[apply_grid](x, r, y, hsum, scale, shift, *sx, *sr, *sy, c, s, C_INNER=c_inner, **flags)
+    return (y, hsum) if return_sum else y
+
+
+def group_norm_reference(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    silu: bool = False,
+    residual: torch.Tensor | None = None,
+    return_sum: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Plain torch: F.group_norm (+ F.silu), in x's dtype. The tests' reference (on fp32 copies) and the peer."""
+    h = x if residual is None else x + residual
+    y = F.group_norm(h, num_groups, weight, bias, eps)
+    if silu:
+        y = F.silu(y)
+    return (y, h) if return_sum else y
