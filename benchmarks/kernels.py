@@ -1,0 +1,322 @@
+"""Kernel roofline benchmark: our Triton GroupNorm(+SiLU) and attention against torch at every UNet shape.
+
+For each shape in benchmarks/kernel_shapes.py (SD1.5, SD2.1, SDXL UNets at 512² and 1024², batch 1, fp16; plus the
+SD VAE decoder's norms, which are the ones larger than L2) it times, with triton.testing.do_bench (L2 flushed before
+each repetition; median, 20th and 80th percentiles):
+- group_norm: ours (auto, and the fused and split algorithms forced) vs F.group_norm + F.silu, NCHW and
+  channels-last; GB/s counting one read of x and one write of y, against the measured device-to-device copy rate.
+- attention: ours vs F.scaled_dot_product_attention with torch's default choice (the kernels it ran are recorded)
+  and with each of the flash, memory-efficient and cuDNN backends forced; TFLOP/s counting 4*B*H*Sq*Sk*D.
+q/k/v come from fused QKV / KV projection outputs ([B, S, 3, H, D] views), as in the UNet; torch gets the same
+views transposed to [B, H, S, D].
+
+    python benchmarks/kernels.py --out benchmarks/results/kernels_h100.json
+    python benchmarks/kernels.py --precompile 8   # compile every config in 8 processes first, then benchmark
+"""
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.testing
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.kernel_shapes import all_unet_shapes, all_vae_norm_shapes, long_prompt_shapes
+from diffrt.kernels import attention as attn_mod
+from diffrt.kernels import group_norm as gn_mod
+from diffrt.kernels.attention import attention
+from diffrt.kernels.group_norm import group_norm, group_norm_reference
+
+L2_BYTES = 50 * 2**20  # H100 SXM
+
+
+def bench(fn, warmup=10, rep=60) -> tuple[float, float, float]:
+    """(median, p20, p80) in ms."""
+    med, p20, p80 = triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
+    return med, p20, p80
+
+
+def copy_bandwidth_gbps() -> float:
+    src = torch.randn(2**29, device="cuda", dtype=torch.float16)  # 1 GiB
+    dst = torch.empty_like(src)
+    med, _, _ = bench(lambda: dst.copy_(src))
+    return 2 * src.numel() * src.element_size() / med / 1e6
+
+
+def _gn_inputs(shape, dtype=torch.float16, channels_last=False):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn((1, shape.channels, shape.height, shape.width), device="cuda", dtype=dtype, generator=g) + 0.5
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w = torch.randn(shape.channels, device="cuda", dtype=dtype, generator=g) * 0.5 + 1
+    b = torch.randn(shape.channels, device="cuda", dtype=dtype, generator=g) * 0.5
+    return x, w, b
+
+
+def _attn_inputs(shape, batch=1, dtype=torch.float16):
+    """Same construction as tests/test_attention.py: views into fused projection outputs."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    b, sq, sk, h, d = batch, shape.seq_q, shape.seq_k, shape.heads, shape.head_dim
+    if sq == sk:
+        qkv = torch.randn(b, sq, 3, h, d, device="cuda", dtype=dtype, generator=g)
+        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q = torch.randn(b, sq, h, d, device="cuda", dtype=dtype, generator=g)
+    kv = torch.randn(b, sk, 2, h, d, device="cuda", dtype=dtype, generator=g)
+    return q, kv[:, :, 0], kv[:, :, 1]
+
+
+def _torch_kernels(fn) -> list[str]:
+    """Names of the CUDA kernels one call of fn launches (which SDPA backend torch picked)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names = {e.key for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA}
+    return sorted(n[:90] for n in names)
+
+
+def _sdpa_backends():
+    from torch.nn.attention import SDPBackend
+
+    return {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+    }
+
+
+def bench_group_norm(shapes: dict, copy_gbps: float, log) -> list[dict]:
+    rows = []
+    for shape, used_by in shapes.items():
+        nbytes = 2 * shape.channels * shape.height * shape.width * 2  # read x + write y, fp16
+        for channels_last in (False, True):
+            x, w, b = _gn_inputs(shape, channels_last=channels_last)
+            ref = {"eps": shape.eps, "silu": shape.silu}
+            t_torch = bench(partial(group_norm_reference, x, shape.groups, w, b, **ref))
+            impls = {"auto": "auto"} if channels_last else {"auto": "auto", "fused": "fused", "split": "split"}
+            for name, algo in impls.items():
+                t = bench(partial(group_norm, x, shape.groups, w, b, **ref, algorithm=algo))
+                hw = shape.height * shape.width
+                chosen = gn_mod._choose_algorithm(1, shape.channels, shape.groups, hw) if algo == "auto" else algo
+                row = {
+                    "component": "group_norm",
+                    "op": "group_norm+silu" if shape.silu else "group_norm",
+                    "used_by": used_by,
+                    "shape": shape.label,
+                    "batch": 1,
+                    "channels": shape.channels,
+                    "height": shape.height,
+                    "width": shape.width,
+                    "groups": shape.groups,
+                    "dtype": "float16",
+                    "layout": "channels_last" if channels_last else "nchw",
+                    "backend": f"triton_{name}",
+                    "algorithm": chosen,
+                    "median_ms": t[0],
+                    "p20_ms": t[1],
+                    "p80_ms": t[2],
+                    "gbps": nbytes / t[0] / 1e6,
+                    "frac_copy_bw": nbytes / t[0] / 1e6 / copy_gbps,
+                    "larger_than_l2": nbytes / 2 > L2_BYTES,
+                    "peer_backend": "torch F.group_norm" + (" + F.silu" if shape.silu else ""),
+                    "peer_median_ms": t_torch[0],
+                    "peer_p20_ms": t_torch[1],
+                    "peer_p80_ms": t_torch[2],
+                    "speedup_vs_peer": t_torch[0] / t[0],
+                }
+                rows.append(row)
+                log(
+                    f"GN {shape.label:28s} {row['layout']:13s} {name:5s}({chosen:5s}) {t[0] * 1e3:8.1f} us "
+                    f"torch {t_torch[0] * 1e3:8.1f} us  x{row['speedup_vs_peer']:5.2f}  {row['gbps']:6.0f} GB/s "
+                    f"({row['frac_copy_bw']:.0%} of copy)"
+                )
+    return rows
+
+
+def bench_attention(shapes: dict, log) -> list[dict]:
+    rows = []
+    backends = _sdpa_backends()
+    from torch.nn.attention import sdpa_kernel
+
+    for shape, used_by in shapes.items():
+        q, k, v = _attn_inputs(shape)
+        sdpa = partial(F.scaled_dot_product_attention, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        flops = 4 * shape.heads * shape.seq_q * shape.seq_k * shape.head_dim
+        t_ours = bench(partial(attention, q, k, v))
+        tuner = (
+            attn_mod._attention_single if shape.seq_k <= attn_mod.SINGLE_BLOCK_MAX_KEYS else attn_mod._attention_loop
+        )
+        config = str(tuner.best_config)
+        peers = {"default": bench(sdpa)}
+        for name, backend in backends.items():
+            try:
+                with sdpa_kernel([backend]):
+                    sdpa()
+                    peers[name] = bench(sdpa)
+            except RuntimeError as e:
+                peers[name] = None
+                log(f"   {shape.label}: SDPA backend {name} unavailable: {str(e).splitlines()[0][:120]}")
+        default_kernels = _torch_kernels(sdpa)
+        best_name = min((n for n in peers if peers[n] is not None), key=lambda n: peers[n][0])
+        best = peers[best_name]
+        row = {
+            "component": "attention",
+            "op": "self" if shape.seq_q == shape.seq_k else "cross",
+            "used_by": used_by,
+            "shape": shape.label,
+            "batch": 1,
+            "seq_q": shape.seq_q,
+            "seq_k": shape.seq_k,
+            "heads": shape.heads,
+            "head_dim": shape.head_dim,
+            "dtype": "float16",
+            "backend": "triton",
+            "config": config,
+            "median_ms": t_ours[0],
+            "p20_ms": t_ours[1],
+            "p80_ms": t_ours[2],
+            "tflops": flops / t_ours[0] / 1e9,
+            "peers": {
+                n: (None if t is None else {"median_ms": t[0], "p20_ms": t[1], "p80_ms": t[2]})
+                for n, t in peers.items()
+            },
+            "torch_default_kernels": default_kernels,
+            "peer_backend": f"sdpa_{best_name}",
+            "peer_median_ms": best[0],
+            "peer_tflops": flops / best[0] / 1e9,
+            "speedup_vs_peer": best[0] / t_ours[0],
+        }
+        rows.append(row)
+        log(
+            f"ATTN {shape.label:32s} ours {t_ours[0] * 1e3:8.1f} us {row['tflops']:6.1f} TF/s | best torch "
+            f"{best_name:9s} {best[0] * 1e3:8.1f} us  x{row['speedup_vs_peer']:5.2f} | default "
+            f"{peers['default'][0] * 1e3:8.1f} us [{', '.join(k[:40] for k in default_kernels)}] | {config}"
+        )
+    return rows
+
+
+def warm_all() -> None:
+    """Run every kernel variant the GPU tests and this benchmark use once (compiles into Triton's disk cache)."""
+    norms, attns = all_unet_shapes()
+    vae = all_vae_norm_shapes()
+    for shape in list(norms) + [s for s in vae if s not in norms]:
+        for channels_last in (False, True):
+            x, w, b = _gn_inputs(shape, channels_last=channels_last)
+            for algo in ("auto", "fused", "split"):
+                group_norm(x, shape.groups, w, b, shape.eps, silu=shape.silu, algorithm=algo, out=torch.empty_like(x))
+    variants = [s for s in norms if s.silu and (s.channels, s.height) in {(320, 64), (1280, 8), (960, 128)}]
+    for shape in variants:
+        for dtype in (torch.float32, torch.bfloat16):
+            for channels_last in (False, True):
+                x, w, b = _gn_inputs(shape, dtype, channels_last)
+                for algo in ("fused", "split"):
+                    group_norm(x, shape.groups, w, b, shape.eps, silu=True, algorithm=algo, out=torch.empty_like(x))
+    for shape in list(attns) + long_prompt_shapes():
+        attention(*_attn_inputs(shape))
+    for shape in [s for s in attns if s.seq_q in (1024, 4096)]:
+        attention(*_attn_inputs(shape, batch=2, dtype=torch.bfloat16))
+    torch.cuda.synchronize()
+
+
+def precompile(workers: int) -> None:
+    """Compile every autotuning config in parallel: worker i pins config i of each kernel (DIFFRT_TRITON_CONFIG)."""
+    t0 = time.time()
+    procs = []
+    for i in range(workers):
+        env = {**os.environ, "DIFFRT_TRITON_CONFIG": str(i)}
+        procs.append(subprocess.Popen([sys.executable, __file__, "--warm-only"], env=env, stderr=subprocess.PIPE))
+    for i, p in enumerate(procs):
+        _, err = p.communicate()
+        if p.returncode != 0:
+            print(f"precompile worker {i} failed (rc {p.returncode}): {err.decode()[-2000:]}", flush=True)
+    print(f"precompile: {workers} workers in {time.time() - t0:.0f} s", flush=True)
+
+
+def environment(commit: str | None) -> dict:
+    try:
+        driver = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+    except OSError:
+        driver = "unknown"
+    if commit is None:
+        try:
+            commit = subprocess.run(
+                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False
+            ).stdout.strip()
+        except OSError:
+            commit = ""
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "gpu": torch.cuda.get_device_name(0),
+        "sm_count": props.multi_processor_count,
+        "driver": driver,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cudnn": torch.backends.cudnn.version(),
+        "commit": commit or "unknown",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "dtype": "float16",
+        "batch": 1,
+        "timing": "triton.testing.do_bench(warmup=10 ms, rep=60 ms), L2 flushed before each repetition",
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="benchmarks/results/kernels.json", help="JSON file to write")
+    ap.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD)")
+    ap.add_argument("--precompile", type=int, default=0, help="compile all configs in this many processes first")
+    ap.add_argument("--warm-only", action="store_true", help="only run each kernel variant once (compile)")
+    ap.add_argument("--only", choices=["group_norm", "attention"], default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/kernels.py needs a CUDA GPU")
+    if args.warm_only:
+        warm_all()
+        return
+    if args.precompile:
+        precompile(args.precompile)
+
+    lines = []
+
+    def log(msg):
+        print(msg, flush=True)
+        lines.append(msg)
+
+    env = environment(args.commit)
+    copy_gbps = copy_bandwidth_gbps()
+    log(f"{env['gpu']} driver {env['driver']} torch {env['torch']} triton {env['triton']} commit {env['commit']}")
+    log(f"device-to-device copy: {copy_gbps:.0f} GB/s (read + write)")
+    norms, attns = all_unet_shapes()
+    all_norms = dict(norms)
+    for s, u in all_vae_norm_shapes().items():
+        all_norms[s] = all_norms.get(s, []) + u
+    rows = []
+    t0 = time.time()
+    if args.only in (None, "group_norm"):
+        rows += bench_group_norm(all_norms, copy_gbps, log)
+    if args.only in (None, "attention"):
+        long = {s: ["long prompts (154 tokens)"] for s in long_prompt_shapes()}
+        rows += bench_attention({**attns, **long}, log)
+    log(f"benchmark: {len(rows)} rows in {time.time() - t0:.0f} s")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"environment": {**env, "copy_gbps": copy_gbps}, "rows": rows}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""The autotuning policy shared by the kernels: short timings, disk-cached choices, one config when interpreted."""
+
+import inspect
+import os
+
+import triton
+
+# Under Triton's CPU interpreter nothing can be timed: each kernel keeps only its first config (fast CPU tests).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+# DIFFRT_TRITON_CONFIG=i keeps only the i-th config that survives pruning (modulo their count). Processes pinned to
+# different i compile the configs in parallel into Triton's disk cache before one process autotunes over all of
+# them (benchmarks/kernels.py --precompile); it is also a way to reproduce one config's behaviour.
+_PIN = os.environ.get("DIFFRT_TRITON_CONFIG")
+_HAS_CACHE_RESULTS = "cache_results" in inspect.signature(triton.autotune).parameters
+
+
+def _short_bench(kernel_call, quantiles):
+    # The UNet's kernels take microseconds: 20 ms of repetitions separates configs well enough.
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+def autotune(configs: list, key: list[str], prune=None):
+    """triton.autotune over `configs`, keyed (and cached on disk) per `key` values and argument dtypes."""
+    if INTERPRET:
+        configs = configs[:1]
+
+    def early_prune(cfgs, named_args, **kwargs):
+        kept = prune(cfgs, named_args, **kwargs) if prune is not None else list(cfgs)
+        return [kept[int(_PIN) % len(kept)]] if _PIN is not None else kept
+
+    extra = {"cache_results": True} if _HAS_CACHE_RESULTS else {}
+    return triton.autotune(
+        configs=configs, key=key, prune_configs_by={"early_config_prune": early_prune}, do_bench=_short_bench, **extra
+    )
