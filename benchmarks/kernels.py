@@ -107,6 +107,11 @@ def bench_group_norm(shapes: dict, copy_gbps: float, log) -> list[dict]:
                 t = bench(partial(group_norm, x, shape.groups, w, b, **ref, algorithm=algo))
                 hw = shape.height * shape.width
                 chosen = gn_mod._choose_algorithm(1, shape.channels, shape.groups, hw) if algo == "auto" else algo
+                if chosen == "fused":
+                    config = str(gn_mod._group_norm_fused_kernel.best_config)
+                else:
+                    stats, apply = gn_mod._group_norm_stats_kernel, gn_mod._group_norm_apply_kernel
+                    config = f"stats {stats.best_config}; apply {apply.best_config}"
                 row = {
                     "component": "group_norm",
                     "op": "group_norm+silu" if shape.silu else "group_norm",
@@ -121,6 +126,7 @@ def bench_group_norm(shapes: dict, copy_gbps: float, log) -> list[dict]:
                     "layout": "channels_last" if channels_last else "nchw",
                     "backend": f"triton_{name}",
                     "algorithm": chosen,
+                    "config": config,
                     "median_ms": t[0],
                     "p20_ms": t[1],
                     "p80_ms": t[2],
@@ -280,7 +286,7 @@ def main() -> None:
     ap.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD)")
     ap.add_argument("--precompile", type=int, default=0, help="compile all configs in this many processes first")
     ap.add_argument("--warm-only", action="store_true", help="only run each kernel variant once (compile)")
-    ap.add_argument("--only", choices=["group_norm", "attention"], default=None)
+    ap.add_argument("--only", choices=["group_norm", "attention", "none"], default=None, help="none: precompile only")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py needs a CUDA GPU")
@@ -289,6 +295,8 @@ def main() -> None:
         return
     if args.precompile:
         precompile(args.precompile)
+    if args.only == "none":
+        return
 
     lines = []
 
