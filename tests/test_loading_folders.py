@@ -9,13 +9,13 @@ import warnings
 import diffusers
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
 from diffrt.loading import CheckpointError, load_model, read_checkpoint_components
 from diffrt.models.clip import CLIPTextModel
 from diffrt.models.taesd import AutoencoderTiny
 from diffrt.models.vae import AutoencoderKL
-from safetensors.torch import load_file, save_file
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
 from tests.loading_fixtures import CLIP_L, VAE
 from tests.parity import assert_parity
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffrt.loading import CheckpointError, check_finite, detect_format, nonfinite_keys, read_checkpoint, read_header
 from safetensors.torch import load_file, save_file
+
+from diffrt.loading import CheckpointError, check_finite, detect_format, nonfinite_keys, read_checkpoint, read_header
 
 
 def write_raw(path, header: dict, data: bytes, header_len: int | None = None) -> str:

@@ -8,12 +8,13 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
+
 from diffrt.loading import diffusers_folder as df
 from diffrt.loading.build import MODELS, build_module
 from diffrt.loading.errors import CheckpointError
 from diffrt.loading.formats import read_checkpoint
 from diffrt.loading.single_file import FAMILY_NAMES, Component, is_single_file, split_single_file
-from torch import nn
 
 
 @dataclass

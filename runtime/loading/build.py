@@ -10,9 +10,10 @@ import importlib
 from collections.abc import Iterator, Mapping
 
 import torch
+from torch import nn
+
 from diffrt.loading.errors import CheckpointError
 from diffrt.loading.finite import check_finite as _check_finite
-from torch import nn
 
 # class name in a diffusers/transformers config -> (module, class, config class, config constructor)
 MODELS: dict[str, tuple[str, str, str, str]] = {

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 import torch
+
 from diffrt.loading.errors import PICKLE_RISK, CheckpointError
 from diffrt.loading.formats import read_checkpoint
 

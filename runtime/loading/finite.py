@@ -4,6 +4,7 @@ import warnings
 from collections.abc import Mapping
 
 import torch
+
 from diffrt.loading.errors import CheckpointError
 
 

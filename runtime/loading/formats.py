@@ -4,6 +4,7 @@ import os
 import zipfile
 
 import torch
+
 from diffrt.loading.errors import PICKLE_RISK, CheckpointError
 from diffrt.loading.safetensors_io import read_safetensors
 

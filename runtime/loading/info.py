@@ -38,7 +38,9 @@ def describe(path: str, *, variant: str | None = None, allow_pickle: bool = Fals
             "parameters": sum(t.numel() for t in floats),
             "tensors": len(comp.state_dict),
             "dtypes": dict(dtypes.most_common()),
-            "config": {k: comp.config[k] for k in SUMMARY_FIELDS.get(comp.class_name, ()) if comp.config.get(k) is not None},
+            "config": {
+                k: comp.config[k] for k in SUMMARY_FIELDS.get(comp.class_name, ()) if comp.config.get(k) is not None
+            },
             "source": comp.source,
         }
         if check_finite:

@@ -13,6 +13,7 @@ and the activation is quick_gelu for OpenAI CLIP, gelu for OpenCLIP. The output 
 import re
 
 import torch
+
 from diffrt.loading.errors import CheckpointError
 
 # Buffers that some exporters saved and that no module has as a parameter.

@@ -11,6 +11,7 @@ import re
 from collections import defaultdict
 
 import torch
+
 from diffrt.loading.errors import CheckpointError
 
 _RESNET = {

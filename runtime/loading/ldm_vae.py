@@ -9,6 +9,7 @@ family (SD1/SD2 0.18215, SDXL 0.13025).
 import re
 
 import torch
+
 from diffrt.loading.errors import CheckpointError
 
 SCALING_FACTOR = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}

@@ -15,6 +15,7 @@ import struct
 from dataclasses import dataclass, field
 
 import torch
+
 from diffrt.loading.errors import CheckpointError
 
 MAX_HEADER_BYTES = 100_000_000  # the reference implementation's limit

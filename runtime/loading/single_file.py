@@ -9,6 +9,7 @@ conv) and the UNet's cross-attention width (768 SD1, 1024 SD2, 2048 SDXL at full
 from dataclasses import dataclass, field
 
 import torch
+
 from diffrt.loading.errors import CheckpointError
 from diffrt.loading.ldm_clip import convert_hf_clip, convert_open_clip
 from diffrt.loading.ldm_unet import convert_unet
@@ -100,6 +101,19 @@ def _family_from_text(sd: dict, path: str) -> tuple[str | None, str | None]:
     return "sd1", f"text encoder {SD1_CLIP}* is OpenAI CLIP through transformers (ViT-L in SD1)"
 
 
+def _unet_clues(unet_sd: dict) -> tuple[str, list[str], int]:
+    """(family, clue sentences, cross-attention width) from the raw LDM UNet keys."""
+    to_k = next((v for k, v in sorted(unet_sd.items()) if k.endswith("attn2.to_k.weight")), None)
+    proj_in = next((v for k, v in sorted(unet_sd.items()) if k.endswith(".proj_in.weight")), None)
+    if to_k is None or proj_in is None:
+        raise CheckpointError("the UNet has no cross-attention (attn2 / proj_in keys); not an SD-family UNet")
+    ctx, linear, label = to_k.shape[1], proj_in.ndim == 2, "label_emb.0.0.weight" in unet_sd
+    known = f" ({FAMILY_NAMES[CONTEXT_DIM[ctx]]} at full size)" if ctx in CONTEXT_DIM else ""
+    clues = [f"UNet cross-attention width {ctx}{known}", f"proj_in is {'linear' if linear else 'a 1x1 conv'}"]
+    clues.append("label_emb present (SDXL's added text/time conditioning)" if label else "no label_emb")
+    return ("sdxl" if label else "sd2" if linear else "sd1"), clues, ctx
+
+
 def split_single_file(sd: dict[str, torch.Tensor], path: str) -> SingleFile:
     """Convert an LDM/SGM state dict into diffusers components with inferred configs."""
     reasons: list[str] = []
@@ -156,26 +170,9 @@ def split_single_file(sd: dict[str, torch.Tensor], path: str) -> SingleFile:
 
     if any(k.startswith(UNET) for k in sd):
         unet_sd = _take(sd, UNET)
-        structural = "sdxl" if "label_emb.0.0.weight" in unet_sd else None
-        state, config, unet_family = convert_unet(unet_sd, path + f" [{UNET}*]", family or structural, pooled_dim)
-        ctx, linear = config["cross_attention_dim"], config["use_linear_projection"]
-        clues = [
-            f"UNet cross-attention width {ctx}"
-            + (f" ({FAMILY_NAMES[CONTEXT_DIM[ctx]]} at full size)" if ctx in CONTEXT_DIM else "")
-        ]
-        clues.append(f"proj_in is {'linear (SD2/SDXL)' if linear else 'a 1x1 conv (SD1)'}")
-        if config.get("addition_embed_type"):
-            clues.append(
-                "label_emb present: SDXL's text_time conditioning "
-                f"(addition_time_embed_dim {config['addition_time_embed_dim']})"
-            )
+        unet_family, clues, ctx = _unet_clues(unet_sd)
         reasons.append("; ".join(clues))
-        expected = {
-            "sd1": not linear and not config.get("addition_embed_type"),
-            "sd2": linear and not config.get("addition_embed_type"),
-            "sdxl": bool(config.get("addition_embed_type")),
-        }
-        if family is not None and not expected[family]:
+        if family is not None and family != unet_family:
             raise CheckpointError(
                 f"{path}: the text encoders say {FAMILY_NAMES[family]} but the UNet does not ({'; '.join(clues)})"
             )
@@ -184,6 +181,9 @@ def split_single_file(sd: dict[str, torch.Tensor], path: str) -> SingleFile:
                 f"{path}: text encoder width {te_width} != UNet cross-attention width {ctx}; mixed components?"
             )
         family = unet_family
+        state, config, _ = convert_unet(unet_sd, path + f" [{UNET}*]", family, pooled_dim)
+        if config.get("addition_embed_type"):
+            reasons.append(f"SDXL addition_time_embed_dim {config['addition_time_embed_dim']} from label_emb's width")
         heads = config["attention_head_dim"]
         reasons.append(
             f"attention heads by {FAMILY_NAMES[family]} convention: "
