@@ -163,7 +163,7 @@ def load_model(
             fam = f" ({FAMILY_NAMES[ckpt.family]})" if ckpt.family else ""
             raise CheckpointError(
                 f"{path}: a {ckpt.kind}{fam} with components {', '.join(ckpt.components)}; "
-                "choose one with component=... (CLI: --component)"
+                "choose one with component=..."
             )
         component = next(iter(ckpt.components))
     elif component not in ckpt.components and len(ckpt.components) == 1 and ckpt.kind.startswith("component"):

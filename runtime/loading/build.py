@@ -1,8 +1,10 @@
 """From (class name, config dict, state_dict) to one of our modules, with every key and shape checked first.
 
 The module is built with its parameters on the meta device (no allocation, no random init; buffers stay real, as
-accelerate's init_empty_weights does) and then takes the file's tensors by assignment, so a safetensors file that
-is already in the target dtype on CPU is used in place from its memory map.
+accelerate's init_empty_weights does) and then takes the file's tensors by assignment: each weight is read once,
+straight into its final dtype and device. A tensor that would still view the file's memory map afterwards (same
+dtype, on CPU) is copied, so that the module never depends on the file staying unchanged on disk (a rewritten or
+truncated file under a live map means changed weights or SIGBUS).
 """
 
 import contextlib
@@ -127,7 +129,11 @@ def build_module(
         module = cls(cfg)
     sd = match_state_dict(module, state_dict, source)
     module.load_state_dict(sd, strict=True, assign=True)
+    file_memory = {t.untyped_storage().data_ptr() for t in sd.values() if t.device.type == "cpu"}
     module.to(device=device, dtype=dtype or torch.float32)
+    for t in [*module.parameters(), *module.buffers()]:
+        if t.device.type == "cpu" and t.untyped_storage().data_ptr() in file_memory:
+            t.data = t.data.clone()
     module.eval().requires_grad_(False)
     # Scanned where the weights now live (fast on a GPU) and as they will be used: a NaN in the file stays NaN, and
     # a value too large for the requested dtype shows up as Inf.
