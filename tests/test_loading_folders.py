@@ -285,6 +285,11 @@ def test_pipeline_folder_components(tmp_path):
     assert ckpt.kind == "pipeline folder" and set(ckpt.components) == {"vae", "text_encoder"}
     assert ckpt.folders == {"tokenizer": str(root / "tokenizer")}
     assert ckpt.skipped == {"feature_extractor": "CLIPImageProcessor"}
+    # a transformers config without `architectures`: model_index.json's class decides (here: with projection)
+    config = json.loads((root / "text_encoder" / "config.json").read_text())
+    del config["architectures"]
+    (root / "text_encoder" / "config.json").write_text(json.dumps(config))
+    assert load_model(root, "text_encoder").text_projection is not None
     shutil.rmtree(root / "vae")
     with pytest.raises(CheckpointError, match="config.json"):
         load_model(root, "vae")

@@ -42,10 +42,12 @@ def unet_family(config: dict) -> tuple[str, str]:
     return "sd1", f"unet config: conv projections, no added conditioning, cross_attention_dim {ctx}"
 
 
-def _component_from_folder(name: str, folder: str, variant: str | None, allow_pickle: bool) -> Component:
+def _component_from_folder(
+    name: str, folder: str, variant: str | None, allow_pickle: bool, class_name: str | None = None
+) -> Component:
     config_path = os.path.join(folder, "config.json")
     config = df.read_json(config_path)
-    class_name = df.model_class_name(config, config_path)
+    class_name = df.model_class_name(config, config_path, default=class_name)
     weights = df.find_weights(folder, variant, allow_pickle)
     state_dict = df.read_weights(weights, allow_pickle)
     if class_name == "AutoencoderKL":  # diffusers < 0.14 named the mid attention query/key/value/proj_attn
@@ -97,7 +99,7 @@ def read_checkpoint_components(
                 sub = os.path.join(path, name)
                 if class_name in MODELS:
                     if components is None or name in components:
-                        ckpt.components[name] = _component_from_folder(name, sub, variant, allow_pickle)
+                        ckpt.components[name] = _component_from_folder(name, sub, variant, allow_pickle, class_name)
                 elif os.path.isdir(sub) and ("Tokenizer" in class_name or "Scheduler" in class_name):
                     ckpt.folders[name] = sub
                 else:

@@ -39,6 +39,8 @@ def model_classes(class_name: str, source: str) -> tuple[type, type, str]:
 
 def make_config(class_name: str, config: dict, source: str):
     _, config_cls, ctor = model_classes(class_name, source)
+    if ctor == "from_transformers":  # the class decides the projection, whatever `architectures` says (or lacks)
+        config = {**config, "architectures": [class_name]}
     try:
         return getattr(config_cls, ctor)(config)
     except (KeyError, TypeError, ValueError) as e:

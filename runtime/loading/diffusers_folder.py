@@ -52,13 +52,16 @@ def pipeline_components(folder: str) -> dict[str, tuple[str, str]]:
     return out
 
 
-def model_class_name(config: dict, path: str) -> str:
-    """The class a component config describes: diffusers' `_class_name`, or transformers' `architectures[0]`."""
+def model_class_name(config: dict, path: str, default: str | None = None) -> str:
+    """The class a component config describes: diffusers' `_class_name`, transformers' `architectures[0]`, or the
+    class model_index.json names for it (`default`)."""
     if isinstance(config.get("_class_name"), str):
         return config["_class_name"]
     arch = config.get("architectures")
     if isinstance(arch, list) and arch and isinstance(arch[0], str):
         return arch[0]
+    if default:
+        return default
     raise CheckpointError(f"{path}: config.json names no model class (_class_name or architectures)")
 
 
