@@ -15,20 +15,36 @@ _HAS_CACHE_RESULTS = "cache_results" in inspect.signature(triton.autotune).param
 
 
 def _short_bench(kernel_call, quantiles):
-    # The UNet's kernels take microseconds: 20 ms of repetitions separates configs well enough.
-    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+    # The UNet's kernels take microseconds, so eager timing would measure the host's launch overhead: time
+    # CUDA-graph replays (as the runtime runs them), and fall back to plain events where capture fails.
+    try:
+        return triton.testing.do_bench_cudagraph(kernel_call, rep=10, quantiles=quantiles)
+    except RuntimeError:
+        return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+def make_early_prune(prune=None):
+    """Triton's early_config_prune hook: named_args holds the positional arguments, kwargs the keyword ones."""
+
+    def early_prune(cfgs, named_args, **kwargs):
+        kept = prune(cfgs, {**named_args, **kwargs}) if prune is not None else list(cfgs)
+        return [kept[int(_PIN) % len(kept)]] if _PIN is not None else kept
+
+    return early_prune
 
 
 def autotune(configs: list, key: list[str], prune=None):
-    """triton.autotune over `configs`, keyed (and cached on disk) per `key` values and argument dtypes."""
+    """triton.autotune over `configs`, keyed (and cached on disk) per `key` values and argument dtypes.
+
+    prune(configs, args) gets every kernel argument by name (positional and keyword) and returns the configs to try.
+    """
     if INTERPRET:
         configs = configs[:1]
-
-    def early_prune(cfgs, named_args, **kwargs):
-        kept = prune(cfgs, named_args, **kwargs) if prune is not None else list(cfgs)
-        return [kept[int(_PIN) % len(kept)]] if _PIN is not None else kept
-
     extra = {"cache_results": True} if _HAS_CACHE_RESULTS else {}
     return triton.autotune(
-        configs=configs, key=key, prune_configs_by={"early_config_prune": early_prune}, do_bench=_short_bench, **extra
+        configs=configs,
+        key=key,
+        prune_configs_by={"early_config_prune": make_early_prune(prune)},
+        do_bench=_short_bench,
+        **extra,
     )

@@ -34,10 +34,10 @@ def _head_split(head_dim: int, split: bool) -> tuple[int, int]:
     return d0, max(16, triton.next_power_of_2(head_dim - d0))
 
 
-def _fits(config, named_args, single: bool) -> bool:
-    d0, d1 = _head_split(named_args["HEAD_DIM"], config.kwargs.get("SPLIT_D", False))
+def _fits(config, args, single: bool) -> bool:
+    d0, d1 = _head_split(args["HEAD_DIM"], config.kwargs.get("SPLIT_D", False))
     block_m = config.kwargs["BLOCK_M"]
-    block_n = triton.next_power_of_2(max(16, named_args["SK"])) if single else config.kwargs["BLOCK_N"]
+    block_n = triton.next_power_of_2(max(16, args["SK"])) if single else config.kwargs["BLOCK_N"]
     stages = 1 if single else config.num_stages
     # Shared memory: K and V tiles per pipeline stage plus Q (matches Triton's allocation for sm_90 within 1 KB),
     # against the H100's 227 KB per block.
@@ -48,9 +48,9 @@ def _fits(config, named_args, single: bool) -> bool:
 
 
 def _prune(single: bool):
-    def prune(configs, named_args, **kwargs):
-        pow2 = triton.next_power_of_2(named_args["HEAD_DIM"]) == named_args["HEAD_DIM"]
-        keep = [c for c in configs if not (pow2 and c.kwargs.get("SPLIT_D")) and _fits(c, named_args, single)]
+    def prune(configs, args):
+        pow2 = triton.next_power_of_2(args["HEAD_DIM"]) == args["HEAD_DIM"]
+        keep = [c for c in configs if not (pow2 and c.kwargs.get("SPLIT_D")) and _fits(c, args, single)]
         return keep or configs[:1]
 
     return prune

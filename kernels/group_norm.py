@@ -40,15 +40,15 @@ _NCHW_CONFIGS = [_cfg(4, BLOCK_S=256, BLOCK_C=8), _cfg(8, BLOCK_S=512, BLOCK_C=8
 _NHWC_CONFIGS = [_cfg(4, BLOCK_S=16, BLOCK_C=128), _cfg(8, BLOCK_S=32, BLOCK_C=128), _cfg(4, BLOCK_S=8, BLOCK_C=256)]
 
 
-def _prune_fused(configs, named_args, **kwargs):
+def _prune_fused(configs, args):
     # Tiles of more than 8K fp32 values spilled registers in the sm_90 compile (benchmarks/NOTES_kernels.md).
-    block_c = triton.next_power_of_2(named_args["CG"])
+    block_c = triton.next_power_of_2(args["CG"])
     return [c for c in configs if c.kwargs["BLOCK_S"] * block_c <= 8192] or configs[:1]
 
 
-def _prune_by_layout(configs, named_args, **kwargs):
+def _prune_by_layout(configs, args):
     # Channels-last tensors have a channel stride of 1; pick the tile family that reads them contiguously.
-    family = _NHWC_CONFIGS if named_args["sxc"] == 1 else _NCHW_CONFIGS
+    family = _NHWC_CONFIGS if args["sxc"] == 1 else _NCHW_CONFIGS
     return [c for c in configs if c in family] or configs[:1]
 
 

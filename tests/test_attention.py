@@ -6,6 +6,7 @@ import triton
 
 from benchmarks.kernel_shapes import all_unet_shapes, long_prompt_shapes
 from diffrt.kernels import attention as attn_mod
+from diffrt.kernels._autotune import make_early_prune
 from diffrt.kernels.attention import attention, attention_reference
 from tests.kernel_checks import TOLERANCES, check_output, device, poisoned_like
 
@@ -92,6 +93,21 @@ def test_padded_head_dim_path(label, sq, sk, d, monkeypatch):
     monkeypatch.setattr(attn_mod._attention_loop, "configs", [loop])
     q, k, v = _qkv(1, sq, sk, 2, d, torch.float16)
     _run_and_check(q, k, v, *TOLERANCES[torch.float16], label)
+
+
+def test_autotune_pruning():
+    # The prune hooks run only when autotuning, never under the interpreter: call them as Triton does, with the
+    # positional arguments in named_args and the keyword (constexpr) ones in kwargs.
+    loop = make_early_prune(attn_mod._prune(single=False))
+    configs = attn_mod._configs(single=False)
+    kept = loop(configs, {"SQ": 4096, "SK": 4096}, HEAD_DIM=64, SINGLE_BLOCK=False)
+    assert kept and not any(c.kwargs["SPLIT_D"] for c in kept), "power-of-two head dims need no split"
+    kept = loop(configs, {"SQ": 1024, "SK": 1024}, HEAD_DIM=160, SINGLE_BLOCK=False)
+    assert kept and all(c.kwargs["BLOCK_M"] == 64 or c.num_warps == 8 for c in kept), "4-warp 128-row tiles spill"
+    assert all(attn_mod._fits(c, {"HEAD_DIM": 160, "SK": 1024}, single=False) for c in kept)
+    single = make_early_prune(attn_mod._prune(single=True))
+    kept = single(attn_mod._configs(single=True), {"SQ": 4096, "SK": 77}, HEAD_DIM=40, BLOCK_N=128, SINGLE_BLOCK=True)
+    assert len(kept) == 4
 
 
 def test_interpreter_autotunes_one_config():

@@ -5,6 +5,7 @@ import torch
 
 from benchmarks.kernel_shapes import all_unet_shapes, all_vae_norm_shapes
 from diffrt.kernels import group_norm as gn_mod
+from diffrt.kernels._autotune import make_early_prune
 from diffrt.kernels.group_norm import group_norm, group_norm_reference
 from tests.kernel_checks import TOLERANCES, check_output, device, poisoned_like
 
@@ -125,6 +126,16 @@ def test_fp32_weights_with_fp16_input():
     y = group_norm(x, 4, w.float(), b.float(), silu=True)
     ref = group_norm_reference(x.float(), 4, w.float(), b.float(), silu=True)
     check_output(y, ref, group_norm_reference(x, 4, w, b, silu=True), atol, rtol, "fp32 affine")
+
+
+def test_autotune_pruning():
+    # Called as Triton calls early_config_prune (never under the interpreter, so test it directly).
+    by_layout = make_early_prune(gn_mod._prune_by_layout)
+    both = gn_mod._NCHW_CONFIGS + gn_mod._NHWC_CONFIGS
+    assert by_layout(both, {"sxc": 1, "C": 320, "S": 4096}, HAS_RES=False) == gn_mod._NHWC_CONFIGS
+    assert by_layout(both, {"sxc": 4096, "C": 320, "S": 4096}, HAS_RES=False) == gn_mod._NCHW_CONFIGS
+    fused = make_early_prune(gn_mod._prune_fused)(gn_mod._FUSED_CONFIGS, {"CG": 80, "C": 2560}, SILU=True)
+    assert fused and all(c.kwargs["BLOCK_S"] * 128 <= 8192 for c in fused)
 
 
 def test_interpreter_autotunes_one_config():
