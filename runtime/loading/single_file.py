@@ -21,24 +21,13 @@ SDXL_CLIP_L, SDXL_CLIP_G = "conditioner.embedders.0.transformer.", "conditioner.
 PREFIXES = (UNET, VAE, SD1_CLIP, SD2_CLIP, SDXL_CLIP_L, SDXL_CLIP_G)
 # Training leftovers that no inference module uses: the diffusion schedule's buffers, EMA copies, the VAE's training
 # loss (LPIPS + discriminator), SGM's denoiser tables, and marker tensors some fine-tunes add (handled below).
-IGNORED_KEYS = {
-    "alphas_cumprod",
-    "alphas_cumprod_prev",
-    "betas",
-    "log_one_minus_alphas_cumprod",
-    "logvar",
-    "lvlb_weights",
-    "posterior_log_variance_clipped",
-    "posterior_mean_coef1",
-    "posterior_mean_coef2",
-    "posterior_variance",
-    "sqrt_alphas_cumprod",
-    "sqrt_one_minus_alphas_cumprod",
-    "sqrt_recip_alphas_cumprod",
-    "sqrt_recipm1_alphas_cumprod",
-    "v_pred",
-    "ztsnr",
-}
+_IGNORED_NAMES = (
+    "alphas_cumprod alphas_cumprod_prev betas log_one_minus_alphas_cumprod logvar lvlb_weights "
+    "posterior_log_variance_clipped posterior_mean_coef1 posterior_mean_coef2 posterior_variance "
+    "sqrt_alphas_cumprod sqrt_one_minus_alphas_cumprod sqrt_recip_alphas_cumprod sqrt_recipm1_alphas_cumprod "
+    "v_pred ztsnr"
+)
+IGNORED_KEYS = set(_IGNORED_NAMES.split())
 IGNORED_PREFIXES = ("model_ema.", "first_stage_model.loss.", "denoiser.", "cond_stage_model.model.visual.")
 CONTEXT_DIM = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
@@ -101,12 +90,12 @@ def _family_from_text(sd: dict, path: str) -> tuple[str | None, str | None]:
     return "sd1", f"text encoder {SD1_CLIP}* is OpenAI CLIP through transformers (ViT-L in SD1)"
 
 
-def _unet_clues(unet_sd: dict) -> tuple[str, list[str], int]:
+def _unet_clues(unet_sd: dict, path: str) -> tuple[str, list[str], int]:
     """(family, clue sentences, cross-attention width) from the raw LDM UNet keys."""
     to_k = next((v for k, v in sorted(unet_sd.items()) if k.endswith("attn2.to_k.weight")), None)
     proj_in = next((v for k, v in sorted(unet_sd.items()) if k.endswith(".proj_in.weight")), None)
     if to_k is None or proj_in is None:
-        raise CheckpointError("the UNet has no cross-attention (attn2 / proj_in keys); not an SD-family UNet")
+        raise CheckpointError(f"{path}: the UNet has no cross-attention (attn2 / proj_in keys); not SD-family")
     ctx, linear, label = to_k.shape[1], proj_in.ndim == 2, "label_emb.0.0.weight" in unet_sd
     known = f" ({FAMILY_NAMES[CONTEXT_DIM[ctx]]} at full size)" if ctx in CONTEXT_DIM else ""
     clues = [f"UNet cross-attention width {ctx}{known}", f"proj_in is {'linear' if linear else 'a 1x1 conv'}"]
@@ -118,7 +107,7 @@ def split_single_file(sd: dict[str, torch.Tensor], path: str) -> SingleFile:
     """Convert an LDM/SGM state dict into diffusers components with inferred configs."""
     reasons: list[str] = []
     ignored = sorted(k for k in sd if k in IGNORED_KEYS or k.startswith(IGNORED_PREFIXES))
-    unknown = sorted(k for k in sd if not k.startswith(PREFIXES) and k not in ignored)
+    unknown = sorted(set(sd) - set(ignored) - {k for k in sd if k.startswith(PREFIXES)})
     components: dict[str, Component] = {}
 
     def add(name: str, config: dict, state: dict) -> None:
@@ -126,13 +115,14 @@ def split_single_file(sd: dict[str, torch.Tensor], path: str) -> SingleFile:
         components[name] = Component(name, class_name, config, state, f"{path} [{name}]")
 
     if not any(k.startswith(PREFIXES) for k in sd):  # a bare LDM VAE (e.g. vae-ft-mse-840000-ema-pruned)
-        state, config = convert_vae(sd, path)
+        skip = set(ignored)
+        state, config = convert_vae({k: v for k, v in sd.items() if k not in skip}, path)
         reasons.append(
             "keys encoder.down.*/decoder.up.* without prefix: a standalone LDM VAE; scaling_factor "
             f"{config['scaling_factor']} assumed (SD1/SD2; SDXL's VAE uses 0.13025)"
         )
         add("vae", config, state)
-        return SingleFile(None, components, reasons, None)
+        return SingleFile(None, components, reasons, None, ignored)
     if unknown:
         raise CheckpointError(
             f"{path}: {len(unknown)} key(s) outside the known LDM/SGM components: {unknown[:8]}; "
@@ -170,7 +160,7 @@ def split_single_file(sd: dict[str, torch.Tensor], path: str) -> SingleFile:
 
     if any(k.startswith(UNET) for k in sd):
         unet_sd = _take(sd, UNET)
-        unet_family, clues, ctx = _unet_clues(unet_sd)
+        unet_family, clues, ctx = _unet_clues(unet_sd, path)
         reasons.append("; ".join(clues))
         if family is not None and family != unet_family:
             raise CheckpointError(
@@ -205,12 +195,10 @@ def split_single_file(sd: dict[str, torch.Tensor], path: str) -> SingleFile:
         scheduler = dict(SCHEDULER, prediction_type="v_prediction" if v_pred else "epsilon")
         if "ztsnr" in sd:
             scheduler.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
-        why = (
-            "`v_pred` key"
-            if "v_pred" in sd
-            else "SD2 single files default to v-prediction"
-            if v_pred
-            else "family default"
-        )
+        why = "family default"
+        if "v_pred" in sd:
+            why = "`v_pred` key"
+        elif family == "sd2":
+            why = "SD2 single files default to v-prediction; the weights cannot tell"
         reasons.append(f"prediction_type {scheduler['prediction_type']} ({why})")
     return SingleFile(family, components, reasons, scheduler, ignored)
