@@ -73,14 +73,20 @@ def save_atomically(image, path: str) -> None:
         raise
 
 
+def given(value, stand_in):
+    """An option's value, or `stand_in` where it was not given (then the model decides later)."""
+    return stand_in if value is None else value
+
+
 def run_generate(args: argparse.Namespace) -> int:
     # Everything that needs no model is checked first: a bad request costs no loading time and writes nothing.
     check_output(args.output)
     if args.init_image is not None and not os.path.isfile(args.init_image):
         raise ValueError(f"init image {args.init_image} does not exist")
     check_generation_args(
-        height=args.height or 512, width=args.width or 512, steps=args.steps or 1, sampler=args.sampler or "euler",
-        strength=args.strength if args.init_image else None, batch=args.batch, prompts=[args.prompt],
+        height=given(args.height, 512), width=given(args.width, 512), steps=given(args.steps, 1),
+        sampler=given(args.sampler, "euler"), strength=args.strength if args.init_image else None,
+        batch=args.batch, prompts=[args.prompt],
     )  # fmt: skip
 
     import torch
@@ -101,7 +107,7 @@ def run_generate(args: argparse.Namespace) -> int:
     init = Image.open(args.init_image) if args.init_image else None
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31, ()))
     sampler = args.sampler or pipe.default_sampler()
-    steps = args.steps or default_steps(sampler)
+    steps = given(args.steps, default_steps(sampler))
     run_steps = int(steps * args.strength) if init is not None else steps
     with tqdm(total=run_steps, desc=f"{sampler} steps", unit="step", file=sys.stderr) as bar:
         images = pipe(
