@@ -204,6 +204,20 @@ def test_unknown_keys_are_named(checkpoints, tmp_path):
         read_checkpoint_components(path)
 
 
+@pytest.mark.parametrize(
+    "family, key, needle",
+    [
+        ("sd1", "model.diffusion_model.input_blocks.1.0.out_layers.3.weight", "UNet key 'input_blocks.1.0.out_layers"),
+        ("sd1", "first_stage_model.encoder.down.1.block.0.conv1.weight", "VAE key 'encoder.down.1.block.0.conv1"),
+        ("sd2", "cond_stage_model.model.ln_final.bias", r"\[cond_stage_model.model.\*\]: OpenCLIP key 'ln_final.bias'"),
+    ],
+)
+def test_structural_key_missing(checkpoints, tmp_path, family, key, needle):
+    path = _edited(checkpoints, tmp_path, family, lambda sd: sd.pop(key))
+    with pytest.raises(CheckpointError, match=needle + ".* is missing"):
+        read_checkpoint_components(path)
+
+
 def test_missing_key_is_named(checkpoints, tmp_path):
     path = _edited(checkpoints, tmp_path, "sdxl", lambda sd: sd.pop("model.diffusion_model.out.2.bias"))
     with pytest.raises(CheckpointError, match="needs are missing: conv_out.bias"):

@@ -14,7 +14,7 @@ import re
 
 import torch
 
-from diffrt.loading.errors import CheckpointError
+from diffrt.loading.errors import CheckpointError, missing_key_errors
 
 # Buffers that some exporters saved and that no module has as a parameter.
 IGNORED_SUFFIXES = ("position_ids", "attn_mask", "logit_scale")
@@ -56,6 +56,7 @@ def _text_config(
     }
 
 
+@missing_key_errors("CLIP")
 def convert_hf_clip(sd: dict[str, torch.Tensor], where: str) -> tuple[dict, dict]:
     """OpenAI CLIP-L in transformers' names (prefix removed): keep the keys, infer the config."""
     sd = {k: v for k, v in sd.items() if not k.endswith(IGNORED_SUFFIXES)}
@@ -80,6 +81,7 @@ def convert_hf_clip(sd: dict[str, torch.Tensor], where: str) -> tuple[dict, dict
     return sd, config
 
 
+@missing_key_errors("OpenCLIP")
 def convert_open_clip(sd: dict[str, torch.Tensor], where: str, penultimate: bool) -> tuple[dict, dict]:
     """OpenCLIP text tower (prefix removed). penultimate=True (SD2): drop the last block and the projection."""
     sd = {k: v for k, v in sd.items() if not k.endswith(IGNORED_SUFFIXES)}

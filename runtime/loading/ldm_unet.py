@@ -12,7 +12,7 @@ from collections import defaultdict
 
 import torch
 
-from diffrt.loading.errors import CheckpointError
+from diffrt.loading.errors import CheckpointError, missing_key_errors
 
 _RESNET = {
     "in_layers.0": "norm1",
@@ -52,8 +52,8 @@ def _depth(rests: list[str]) -> int:
 class _Converter:
     """Moves LDM keys to diffusers keys, remembering which were used so that leftovers can be reported."""
 
-    def __init__(self, sd: dict[str, torch.Tensor], where: str):
-        self.sd, self.where, self.out, self.used = sd, where, {}, set()
+    def __init__(self, sd: dict[str, torch.Tensor]):
+        self.sd, self.out, self.used = sd, {}, set()
 
     def move(self, old_prefix: str, new_prefix: str, rename: dict[str, str] | None = None) -> None:
         for k in [k for k in self.sd if k.startswith(old_prefix + ".")]:
@@ -69,12 +69,20 @@ class _Converter:
         return sorted(set(self.sd) - self.used)
 
 
+@missing_key_errors("UNet")
 def convert_unet(
     sd: dict[str, torch.Tensor], where: str, family: str | None = None, pooled_dim: int | None = None
 ) -> tuple[dict[str, torch.Tensor], dict, str]:
     """(diffusers state_dict, diffusers config, family) from LDM UNet keys without the `model.diffusion_model.`
     prefix. `family` ("sd1"/"sd2"/"sdxl") is inferred from the structure when None; `pooled_dim` (the second text
     encoder's projection width) pins SDXL's addition_time_embed_dim."""
+    try:
+        return _convert_unet(sd, where, family, pooled_dim)
+    except StopIteration as e:
+        raise CheckpointError(f"{where}: the UNet has no attention blocks; not an SD-family UNet") from e
+
+
+def _convert_unet(sd: dict, where: str, family: str | None, pooled_dim: int | None) -> tuple[dict, dict, str]:
     if "input_blocks.0.0.weight" not in sd or "out.2.weight" not in sd:
         raise CheckpointError(f"{where}: UNet keys input_blocks.0.0.weight / out.2.weight are missing")
     inp, outp = _group(sd, "input_blocks"), _group(sd, "output_blocks")
@@ -174,7 +182,7 @@ def convert_unet(
     elif any(k.startswith("label_emb.") for k in sd):
         raise CheckpointError(f"{where}: class-conditioned UNets (label_emb without SDXL's layout) are not supported")
 
-    c = _Converter(sd, where)
+    c = _Converter(sd)
     for old, new in _TOP.items():
         c.move(old, new)
     for level, ids in enumerate(levels):

@@ -10,7 +10,7 @@ import re
 
 import torch
 
-from diffrt.loading.errors import CheckpointError
+from diffrt.loading.errors import CheckpointError, missing_key_errors
 
 SCALING_FACTOR = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}
 _RESNET = {"nin_shortcut": "conv_shortcut"}
@@ -51,6 +51,7 @@ def _new_key(parts: list[str], n: int) -> str | None:
     return None
 
 
+@missing_key_errors("VAE")
 def convert_vae(sd: dict[str, torch.Tensor], where: str, family: str | None = None) -> tuple[dict, dict]:
     """(diffusers state_dict, diffusers config) from LDM VAE keys without the `first_stage_model.` prefix."""
     for key in ("encoder.conv_in.weight", "decoder.conv_in.weight", "decoder.conv_out.weight"):
