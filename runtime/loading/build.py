@@ -49,7 +49,10 @@ def make_config(class_name: str, config: dict, source: str):
 
 @contextlib.contextmanager
 def parameters_on_meta() -> Iterator[None]:
-    """While active, every nn.Parameter registered lands on the meta device; buffers are created normally."""
+    """While active, every nn.Parameter registered lands on the meta device; buffers are created normally.
+
+    It patches nn.Module.register_parameter for the duration, so modules built on other threads meanwhile would get
+    meta parameters too; loading builds one module at a time."""
     register = nn.Module.register_parameter
 
     def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
