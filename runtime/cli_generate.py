@@ -34,6 +34,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", default=None, help="diffusers folder, single .safetensors file, or preset name")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder for a single-file checkpoint")
     p.add_argument("--clip-skip", type=int, default=None)
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
+                   help="override the model's (an SD2 single file does not say; v is assumed)")  # fmt: skip
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on CUDA, float32 on CPU")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--variant", default=None, help='weight file variant, e.g. "fp16"')
@@ -99,7 +101,8 @@ def run_generate(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype or ("float16" if device.startswith("cuda") else "float32"))
     model = args.model or DEFAULT_MODEL
     pipe = Pipeline.from_pretrained(model, device=device, dtype=dtype, variant=args.variant,
-                                    allow_pickle=args.allow_pickle, tokenizer=args.tokenizer)  # fmt: skip
+                                    allow_pickle=args.allow_pickle, tokenizer=args.tokenizer,
+                                    prediction_type=args.prediction_type)  # fmt: skip
     if pipe.c.is_random:
         print(
             f"note: {model!r} is a preset with random weights: its picture is noise, not your prompt", file=sys.stderr

@@ -77,10 +77,13 @@ class Pipeline:
         variant: str | None = None,
         allow_pickle: bool = False,
         tokenizer: str | None = None,
+        prediction_type: str | None = None,
         seed: int = 0,
     ) -> "Pipeline":
         """From a diffusers pipeline folder, a single-file checkpoint (with `tokenizer=` folder(s), since such a
-        file carries none), or a preset name (`diffrt.presets.PRESETS`: real architectures, random weights)."""
+        file carries none), or a preset name (`diffrt.presets.PRESETS`: real architectures, random weights).
+        prediction_type overrides the scheduler config's ("epsilon" / "v_prediction"): an SD2 single file does not
+        say which it was trained for (v is assumed, as diffusers does; SD2-base and SD-Turbo need "epsilon")."""
         from diffrt.assembly import components_from_path, components_from_preset
 
         if isinstance(path_or_preset, str) and path_or_preset in _preset_names():
@@ -89,6 +92,8 @@ class Pipeline:
             comps = components_from_path(
                 path_or_preset, variant=variant, allow_pickle=allow_pickle, tokenizer=tokenizer
             )
+        if prediction_type is not None:
+            comps.scheduler_config = {**comps.scheduler_config, "prediction_type": prediction_type}
         device = torch.device(device)
         for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
             module = getattr(comps, name)
@@ -140,6 +145,9 @@ class Pipeline:
         strength: float = 0.8,
         latents: torch.Tensor | None = None,
         clip_skip: int | None = None,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
         output_type: str = "pil",
         return_latents: bool = False,
         callback=None,
@@ -151,6 +159,8 @@ class Pipeline:
         few-step samplers, 7.5 otherwise (5 for SDXL); 0 or 1 skips the unconditional pass. seed or generator:
         noise comes from `generator`, else from a generator on the pipeline's device seeded with `seed` (random
         when None). image + strength: img2img. latents: initial noise [B, 4, H/8, W/8], as diffusers takes it.
+        original_size, crops_coords_top_left, target_size: SDXL's micro-conditioning as (height, width) pairs and a
+        (top, left) crop, default the output size and no crop (Podell et al. 2023, Sec. 2.2).
         output_type: "pil" (list of PIL images), "np" (float [B, H, W, 3] in [0, 1]) or "pt" ([B, 3, H, W]).
         Returns the images, or (images, latents) with return_latents.
         """
@@ -185,7 +195,8 @@ class Pipeline:
         embeds = embeds.to(self.dtype)
         extra = {}
         if self.sdxl:
-            time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=self.device, dtype=self.dtype)
+            ids = [*(original_size or (height, width)), *crops_coords_top_left, *(target_size or (height, width))]
+            time_ids = torch.tensor([ids], device=self.device, dtype=self.dtype)
             extra = {"text_embeds": pooled.to(self.dtype), "time_ids": time_ids.repeat(embeds.shape[0], 1)}
         if lcm_guidance:  # LCM's guidance embedding w - 1 (Luo et al. 2023, Sec. 4.3) instead of a CFG batch
             extra["timestep_cond"] = _guidance_embedding(guidance_scale - 1, unet_cfg.time_cond_proj_dim, n).to(

@@ -151,3 +151,22 @@ def test_returns_pil_images_and_latents(saved):
     images, latents = pipe([PROMPT, "a dog"], height=H, width=W, steps=1, batch=2, seed=0, return_latents=True)
     assert [im.size for im in images] == [(W, H)] * 4
     assert latents.shape == (4, 4, H // pipe.vae_scale, W // pipe.vae_scale)
+
+
+def test_sdxl_micro_conditioning_matches_diffusers(saved):
+    family, root, modules = saved
+    if family != "sdxl":
+        pytest.skip("original_size / crops / target_size condition only SDXL's UNet")
+    pipe = diffrt.Pipeline.from_pretrained(root)
+    latents = _latents(1, pipe.vae_scale)
+    micro = {"original_size": (1024, 768), "crops_coords_top_left": (16, 32), "target_size": (512, 640)}
+    ours = pipe(PROMPT, height=H, width=W, steps=2, sampler="euler", guidance_scale=3.0, latents=latents,
+                output_type="np", **micro)  # fmt: skip
+    plain = pipe(PROMPT, height=H, width=W, steps=2, sampler="euler", guidance_scale=3.0, latents=latents,
+                 output_type="np")  # fmt: skip
+    assert np.abs(ours - plain).max() > 1e-4, "micro-conditioning changed nothing"
+    ref_pipe = diffusers_pipeline(family, root, modules, "euler")
+    with torch.no_grad():
+        ref = ref_pipe(PROMPT, height=H, width=W, num_inference_steps=2, guidance_scale=3.0, latents=latents.clone(),
+                       output_type="np", **micro).images  # fmt: skip
+    _check(ours, ref)
