@@ -38,6 +38,7 @@ def add_parser(subparsers) -> None:
                    help="override the model's (an SD2 single file does not say; v is assumed)")  # fmt: skip
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on CUDA, float32 on CPU")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--backend", choices=("torch", "triton"), default="torch", help="triton: fused kernels (CUDA)")
     p.add_argument("--variant", default=None, help='weight file variant, e.g. "fp16"')
     p.add_argument("--allow-pickle", action="store_true", help="read .ckpt/.pt pickles (only from sources you trust)")
     p.add_argument("-o", "--output", required=True, help="output image path (batch > 1: NAME-0.png, NAME-1.png, ...)")
@@ -102,7 +103,7 @@ def run_generate(args: argparse.Namespace) -> int:
     model = args.model or DEFAULT_MODEL
     pipe = Pipeline.from_pretrained(model, device=device, dtype=dtype, variant=args.variant,
                                     allow_pickle=args.allow_pickle, tokenizer=args.tokenizer,
-                                    prediction_type=args.prediction_type)  # fmt: skip
+                                    prediction_type=args.prediction_type, backend=args.backend)  # fmt: skip
     if pipe.c.is_random:
         print(
             f"note: {model!r} is a preset with random weights: its picture is noise, not your prompt", file=sys.stderr

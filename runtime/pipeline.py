@@ -78,12 +78,15 @@ class Pipeline:
         allow_pickle: bool = False,
         tokenizer: str | None = None,
         prediction_type: str | None = None,
+        backend: str = "torch",
         seed: int = 0,
     ) -> "Pipeline":
         """From a diffusers pipeline folder, a single-file checkpoint (with `tokenizer=` folder(s), since such a
         file carries none), or a preset name (`diffrt.presets.PRESETS`: real architectures, random weights).
         prediction_type overrides the scheduler config's ("epsilon" / "v_prediction"): an SD2 single file does not
-        say which it was trained for (v is assumed, as diffusers does; SD2-base and SD-Turbo need "epsilon")."""
+        say which it was trained for (v is assumed, as diffusers does; SD2-base and SD-Turbo need "epsilon").
+        backend: "torch" or "triton" (diffrt.backends; the switch is process-wide, as the kernels are shared)."""
+        from diffrt.backends import use_backend
         from diffrt.assembly import components_from_path, components_from_preset
 
         if isinstance(path_or_preset, str) and path_or_preset in _preset_names():
@@ -92,6 +95,7 @@ class Pipeline:
             comps = components_from_path(
                 path_or_preset, variant=variant, allow_pickle=allow_pickle, tokenizer=tokenizer
             )
+        use_backend(backend)
         if prediction_type is not None:
             comps.scheduler_config = {**comps.scheduler_config, "prediction_type": prediction_type}
         device = torch.device(device)
