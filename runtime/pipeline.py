@@ -86,8 +86,8 @@ class Pipeline:
         prediction_type overrides the scheduler config's ("epsilon" / "v_prediction"): an SD2 single file does not
         say which it was trained for (v is assumed, as diffusers does; SD2-base and SD-Turbo need "epsilon").
         backend: "torch" or "triton" (diffrt.backends; the switch is process-wide, as the kernels are shared)."""
-        from diffrt.backends import use_backend
         from diffrt.assembly import components_from_path, components_from_preset
+        from diffrt.backends import use_backend
 
         if isinstance(path_or_preset, str) and path_or_preset in _preset_names():
             comps = components_from_preset(path_or_preset, seed=seed)
