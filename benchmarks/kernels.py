@@ -258,10 +258,15 @@ def bench_attention(shapes: dict, log) -> list[dict]:
     return rows
 
 
-def warm_all() -> None:
+def warm_all(only: str | None = None, match: str = "") -> None:
     """Run every kernel variant the GPU tests and this benchmark use once (compiles into Triton's disk cache)."""
     norms, attns = all_unet_shapes()
-    vae = all_vae_norm_shapes()
+    if only == "attention":
+        norms = {}
+    if only == "group_norm":
+        attns = {}
+    attns = {s: u for s, u in attns.items() if match in s.label}
+    vae = all_vae_norm_shapes() if only != "attention" else {}
     for shape in list(norms) + [s for s in vae if s not in norms]:
         for channels_last in (False, True):
             x, w, b = _gn_inputs(shape, channels_last=channels_last)
@@ -274,20 +279,21 @@ def warm_all() -> None:
                 x, w, b = _gn_inputs(shape, dtype, channels_last)
                 for algo in ("fused", "split"):
                     group_norm(x, shape.groups, w, b, shape.eps, silu=True, algorithm=algo, out=torch.empty_like(x))
-    for shape in list(attns) + long_prompt_shapes():
+    for shape in list(attns) + [s for s in long_prompt_shapes() if only != "group_norm" and match in s.label]:
         attention(*_attn_inputs(shape))
     for shape in [s for s in attns if s.seq_q in (1024, 4096)]:
         attention(*_attn_inputs(shape, batch=2, dtype=torch.bfloat16))
     torch.cuda.synchronize()
 
 
-def precompile(workers: int) -> None:
+def precompile(workers: int, extra: list[str]) -> None:
     """Compile every autotuning config in parallel: worker i pins config i of each kernel (DIFFRT_TRITON_CONFIG)."""
     t0 = time.time()
     procs = []
     for i in range(workers):
         env = {**os.environ, "DIFFRT_TRITON_CONFIG": str(i)}
-        procs.append(subprocess.Popen([sys.executable, __file__, "--warm-only"], env=env, stderr=subprocess.PIPE))
+        cmd = [sys.executable, __file__, "--warm-only", *extra]
+        procs.append(subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE))
     for i, p in enumerate(procs):
         _, err = p.communicate()
         if p.returncode != 0:
@@ -335,14 +341,17 @@ def main() -> None:
     ap.add_argument("--precompile", type=int, default=0, help="compile all configs in this many processes first")
     ap.add_argument("--warm-only", action="store_true", help="only run each kernel variant once (compile)")
     ap.add_argument("--only", choices=["group_norm", "attention", "none"], default=None, help="none: precompile only")
+    ap.add_argument("--match", default="", help="only attention shapes whose label contains this")
+    ap.add_argument("--precompile-only", choices=["group_norm", "attention"], default=None, help="limit precompile")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py needs a CUDA GPU")
     if args.warm_only:
-        warm_all()
+        warm_all(args.precompile_only, args.match)
         return
     if args.precompile:
-        precompile(args.precompile)
+        extra = ["--match", args.match] + (["--precompile-only", args.precompile_only] if args.precompile_only else [])
+        precompile(args.precompile, extra)
     if args.only == "none":
         return
 
@@ -366,7 +375,7 @@ def main() -> None:
         rows += bench_group_norm(all_norms, copy_gbps, log)
     if args.only in (None, "attention"):
         long = {s: ["long prompts (154 tokens)"] for s in long_prompt_shapes()}
-        rows += bench_attention({**attns, **long}, log)
+        rows += bench_attention({s: u for s, u in {**attns, **long}.items() if args.match in s.label}, log)
     log(f"benchmark: {len(rows)} rows in {time.time() - t0:.0f} s")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

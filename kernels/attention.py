@@ -4,8 +4,8 @@ softmax(q k^T * scale) v with an online softmax in fp32 and no materialised scor
 [B, S, H, D] with any strides (last one 1), so they can come straight out of a fused QKV projection.
 
 What the UNet needs that a generic kernel does not:
-- Cross-attention has 77 (or 154) keys: when the whole key length fits one block, the kernel takes a single-block
-  path (one max, one exp, one division; no rescaling loop).
+- Cross-attention has 77 keys: when the whole key length fits one block (<= 128 keys), the kernel takes a
+  single-block path (one max, one exp, one division; no rescaling loop). Longer prompts (154) use the loop.
 - Head dims 40, 80 and 160 (SD 1.x) are not powers of two. Triton tiles are, so the head dim is covered by two
   power-of-two pieces (40 = 32 + 16 with 8 masked, 80 = 64 + 16, 160 = 128 + 32) instead of one padded tile
   (64, 128, 256): 25-60% fewer wasted matrix-unit operations. Autotuning may still pick the single padded tile.
@@ -21,8 +21,9 @@ import triton.language as tl
 from diffrt.kernels._autotune import INTERPRET as _INTERPRET
 from diffrt.kernels._autotune import autotune
 
-# Longest key length served by the single-block path (keys padded to a power of two).
-SINGLE_BLOCK_MAX_KEYS = 256
+# Longest key length served by the single-block path (keys padded to a power of two). 77 text tokens fit; at 154
+# the loop with 64/128-key blocks wastes less of the padded tile and measured faster (benchmarks/NOTES_kernels.md).
+SINGLE_BLOCK_MAX_KEYS = 128
 
 
 def _head_split(head_dim: int, split: bool) -> tuple[int, int]:

@@ -26,8 +26,10 @@ from diffrt.kernels._autotune import autotune as _autotune
 # Above this many elements per group the "split" algorithm is used (see _choose_algorithm).
 FUSED_MAX_GROUP_ELEMENTS = 16384
 # Fewest spatial positions one stats program reduces; splits are capped by this and by MAX_SPLITS.
-MIN_SPLIT_ROWS = 128
-MAX_SPLITS = 64
+MIN_SPLIT_ROWS = 64
+MAX_SPLITS = 512
+# Partial statistics the finalize kernel folds per iteration.
+FINALIZE_BLOCK = 64
 
 
 def _cfg(num_warps, **blocks):
@@ -180,29 +182,31 @@ def _group_norm_stats_kernel(
     start = sp * CHUNK
     end = tl.minimum(S, start + CHUNK)
 
-    count = 0.0
-    mean = tl.zeros([BLOCK_C], tl.float32)
-    m2 = tl.zeros([BLOCK_C], tl.float32)
+    # Welford (1962) per tile element: no reduction across threads inside the loop (on channels-last tiles that was
+    # a shared-memory round trip per iteration); the tile's lanes are folded together once at the end (Chan).
+    n_row = tl.zeros([BLOCK_S], tl.float32)
+    mean = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
+    m2 = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
     for s0 in range(start, end, BLOCK_S):
         s = s0 + rows
-        mask = (s < end)[:, None] & c_ok[None, :]
+        row_ok = s < end
+        mask = row_ok[:, None] & c_ok[None, :]
         h = tl.load(x_base + s[:, None] * sxs + c[None, :] * sxc, mask=mask, other=0.0).to(tl.float32)
         if HAS_RES:
             h += tl.load(r_base + s[:, None] * srs + c[None, :] * src, mask=mask, other=0.0).to(tl.float32)
-        nb = tl.minimum(end - s0, BLOCK_S).to(tl.float32)
-        mb = tl.sum(h, 0) / nb
-        d = tl.where(mask, h - mb[None, :], 0.0)
-        m2b = tl.sum(d * d, 0)
-        # Chan, Golub & LeVeque (1979) pairwise update: exact for any mean offset, no sum-of-squares cancellation.
-        tot = count + nb
-        delta = mb - mean
-        mean = mean + delta * (nb / tot)
-        m2 = m2 + m2b + delta * delta * (count * nb / tot)
-        count = tot
+        n_row += row_ok.to(tl.float32)
+        inv = 1.0 / tl.maximum(n_row, 1.0)
+        delta = tl.where(mask, h - mean, 0.0)
+        mean += delta * inv[:, None]
+        m2 += delta * (h - mean)
+    count = tl.sum(n_row, 0)
+    mean_c = tl.sum(mean * n_row[:, None], 0) / count
+    d = mean - mean_c[None, :]
+    m2_c = tl.sum(m2, 0) + tl.sum(d * d * n_row[:, None], 0)
 
     out = (n * SPLIT + sp).to(tl.int64) * C + c
-    tl.store(PMEAN + out, mean, mask=c_ok)
-    tl.store(PM2 + out, m2, mask=c_ok)
+    tl.store(PMEAN + out, mean_c, mask=c_ok)
+    tl.store(PM2 + out, m2_c, mask=c_ok)
 
 
 @triton.jit
@@ -223,24 +227,32 @@ def _group_norm_finalize_kernel(
     eps,  # added to the variance
     HAS_W: tl.constexpr,  # weight given
     HAS_B: tl.constexpr,  # bias given
-    BLOCK_SPLIT: tl.constexpr,  # power of two >= SPLIT
+    BLOCK_SPLIT: tl.constexpr,  # chunks folded per iteration
     BLOCK_CG: tl.constexpr,  # power of two >= CG
 ):
     pid = tl.program_id(0)
     n = pid // G
     g = pid % G
-    sp = tl.arange(0, BLOCK_SPLIT)
     cl = tl.arange(0, BLOCK_CG)
     c = g * CG + cl
-    mask = (sp < SPLIT)[:, None] & (cl < CG)[None, :]
-    offs = (n * SPLIT + sp[:, None]).to(tl.int64) * C + c[None, :]
-    pm = tl.load(PMEAN + offs, mask=mask, other=0.0)
-    pm2 = tl.load(PM2 + offs, mask=mask, other=0.0)
-    cnt = tl.minimum(tl.maximum(S - sp * CHUNK, 0), CHUNK).to(tl.float32)[:, None]
-    mean = tl.sum(pm * cnt) / total
-    d = tl.where(mask, pm - mean, 0.0)
-    m2 = tl.sum(pm2) + tl.sum(d * d * cnt)
-    rstd = 1.0 / tl.sqrt(m2 / total + eps)
+    # Two passes over the partials (the group mean first, then M2 about it): exact, and SPLIT may exceed one block.
+    acc = tl.zeros([BLOCK_SPLIT, BLOCK_CG], tl.float32)
+    for sp0 in range(0, SPLIT, BLOCK_SPLIT):
+        sp = sp0 + tl.arange(0, BLOCK_SPLIT)
+        mask = (sp < SPLIT)[:, None] & (cl < CG)[None, :]
+        offs = (n * SPLIT + sp[:, None]).to(tl.int64) * C + c[None, :]
+        cnt = tl.minimum(tl.maximum(S - sp * CHUNK, 0), CHUNK).to(tl.float32)[:, None]
+        acc += tl.load(PMEAN + offs, mask=mask, other=0.0) * cnt
+    mean = tl.sum(acc) / total
+    acc = tl.zeros([BLOCK_SPLIT, BLOCK_CG], tl.float32)
+    for sp0 in range(0, SPLIT, BLOCK_SPLIT):
+        sp = sp0 + tl.arange(0, BLOCK_SPLIT)
+        mask = (sp < SPLIT)[:, None] & (cl < CG)[None, :]
+        offs = (n * SPLIT + sp[:, None]).to(tl.int64) * C + c[None, :]
+        cnt = tl.minimum(tl.maximum(S - sp * CHUNK, 0), CHUNK).to(tl.float32)[:, None]
+        d = tl.where(mask, tl.load(PMEAN + offs, mask=mask, other=0.0) - mean, 0.0)
+        acc += tl.load(PM2 + offs, mask=mask, other=0.0) + d * d * cnt
+    rstd = 1.0 / tl.sqrt(tl.sum(acc) / total + eps)
 
     c_ok = cl < CG
     scale = tl.full([BLOCK_CG], 1.0, tl.float32)
@@ -331,9 +343,11 @@ def _choose_algorithm(n: int, c: int, g: int, s: int) -> str:
     return "fused" if (c // g) * s <= FUSED_MAX_GROUP_ELEMENTS else "split"
 
 
-def _num_splits(n: int, c: int, s: int, device: torch.device) -> int:
-    # Enough (sample, chunk) programs that, with ~C/64 channel blocks, the stats grid covers the SMs ~4 times.
-    want = max(1, 4 * _sm_count(device) // max(1, n * max(1, c // 64)))
+def _num_splits(n: int, c: int, s: int, channels_last: bool, device: torch.device) -> int:
+    # Enough (sample, chunk, channel block) programs to cover the SMs ~4 times. Channel blocks are 8 wide on NCHW
+    # and 128 wide on channels-last (_NCHW_CONFIGS / _NHWC_CONFIGS).
+    channel_blocks = triton.cdiv(c, 128 if channels_last else 8)
+    want = triton.cdiv(4 * _sm_count(device), n * channel_blocks)
     return max(1, min(want, MAX_SPLITS, triton.cdiv(s, MIN_SPLIT_ROWS)))
 
 
@@ -453,10 +467,10 @@ def group_norm(
         )  # fmt: skip
         return (y, hsum) if return_sum else y
 
-    split = _num_splits(n, c, s, x.device)
+    c_inner = sx[1] == 1
+    split = _num_splits(n, c, s, c_inner, x.device)
     chunk = triton.cdiv(s, split)
     split = triton.cdiv(s, chunk)
-    c_inner = sx[1] == 1
     pmean = torch.empty((n, split, c), device=x.device, dtype=torch.float32)
     pm2 = torch.empty_like(pmean)
     scale = torch.empty((n, c), device=x.device, dtype=torch.float32)
@@ -472,7 +486,7 @@ def group_norm(
         pmean, pm2, weight if weight is not None else pmean, bias if bias is not None else pmean, scale, shift,
         c, s, g, c // g, split, chunk, float((c // g) * s), eps,
         HAS_W=weight is not None, HAS_B=bias is not None,
-        BLOCK_SPLIT=triton.next_power_of_2(split), BLOCK_CG=triton.next_power_of_2(c // g),
+        BLOCK_SPLIT=min(FINALIZE_BLOCK, triton.next_power_of_2(split)), BLOCK_CG=triton.next_power_of_2(c // g),
     )  # fmt: skip
 
     def apply_grid(meta):

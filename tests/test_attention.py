@@ -45,7 +45,7 @@ def _run_and_check(q, k, v, atol, rtol, what, scale=None):
 
 
 # ---------------------------------------------------------------------------------------------- CPU: edge shapes
-# (label, B, Sq, Sk, H, D). Sk <= 256 takes the single-block path, longer key lengths the online-softmax loop.
+# (label, B, Sq, Sk, H, D). Sk <= 128 takes the single-block path, longer key lengths the online-softmax loop.
 EDGE = [
     ("cross77_d40_sq70", 1, 70, 77, 2, 40),
     ("cross154_d80", 1, 33, 154, 2, 80),

@@ -15,8 +15,10 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 
 @pytest.fixture
 def small_splits(monkeypatch):
-    # Let small CPU shapes reach several spatial chunks (with a short last one) on the split path.
+    # Let small CPU shapes reach several spatial chunks (with a short last one) on the split path, folded over
+    # several finalize iterations.
     monkeypatch.setattr(gn_mod, "MIN_SPLIT_ROWS", 16)
+    monkeypatch.setattr(gn_mod, "FINALIZE_BLOCK", 2)
 
 
 def _inputs(shape, groups, dtype, channels_last=False, mean=0.0, std=1.0, seed=0):
