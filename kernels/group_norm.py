@@ -25,9 +25,11 @@ from diffrt.kernels._autotune import autotune as _autotune
 
 # Above this many elements per group the "split" algorithm is used (see _choose_algorithm).
 FUSED_MAX_GROUP_ELEMENTS = 16384
-# Fewest spatial positions one stats program reduces; splits are capped by this and by MAX_SPLITS.
-MIN_SPLIT_ROWS = 64
-MAX_SPLITS = 512
+# Fewest spatial positions one stats program reduces (channels-last: half of it), and the most spatial chunks per
+# sample for NCHW and channels-last (benchmarks/NOTES_kernels.md, runs 3-4).
+MIN_SPLIT_ROWS = 128
+MAX_SPLITS_NCHW = 64
+MAX_SPLITS_NHWC = 512
 # Partial statistics the finalize kernel folds per iteration.
 FINALIZE_BLOCK = 64
 
@@ -182,27 +184,49 @@ def _group_norm_stats_kernel(
     start = sp * CHUNK
     end = tl.minimum(S, start + CHUNK)
 
-    # Welford (1962) per tile element: no reduction across threads inside the loop (on channels-last tiles that was
-    # a shared-memory round trip per iteration); the tile's lanes are folded together once at the end (Chan).
-    n_row = tl.zeros([BLOCK_S], tl.float32)
-    mean = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
-    m2 = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
-    for s0 in range(start, end, BLOCK_S):
-        s = s0 + rows
-        row_ok = s < end
-        mask = row_ok[:, None] & c_ok[None, :]
-        h = tl.load(x_base + s[:, None] * sxs + c[None, :] * sxc, mask=mask, other=0.0).to(tl.float32)
-        if HAS_RES:
-            h += tl.load(r_base + s[:, None] * srs + c[None, :] * src, mask=mask, other=0.0).to(tl.float32)
-        n_row += row_ok.to(tl.float32)
-        inv = 1.0 / tl.maximum(n_row, 1.0)
-        delta = tl.where(mask, h - mean, 0.0)
-        mean += delta * inv[:, None]
-        m2 += delta * (h - mean)
-    count = tl.sum(n_row, 0)
-    mean_c = tl.sum(mean * n_row[:, None], 0) / count
-    d = mean - mean_c[None, :]
-    m2_c = tl.sum(m2, 0) + tl.sum(d * d * n_row[:, None], 0)
+    if C_INNER:
+        # Channels-last tiles [rows, channels] would need a cross-warp (shared-memory) reduction over rows every
+        # iteration; instead keep a Welford (1962) state per tile element and fold the rows once at the end (Chan).
+        n_row = tl.zeros([BLOCK_S], tl.float32)
+        mean = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
+        m2 = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
+        for s0 in range(start, end, BLOCK_S):
+            s = s0 + rows
+            row_ok = s < end
+            mask = row_ok[:, None] & c_ok[None, :]
+            h = tl.load(x_base + s[:, None] * sxs + c[None, :] * sxc, mask=mask, other=0.0).to(tl.float32)
+            if HAS_RES:
+                h += tl.load(r_base + s[:, None] * srs + c[None, :] * src, mask=mask, other=0.0).to(tl.float32)
+            n_row += row_ok.to(tl.float32)
+            inv = 1.0 / tl.maximum(n_row, 1.0)
+            delta = tl.where(mask, h - mean, 0.0)
+            mean += delta * inv[:, None]
+            m2 += delta * (h - mean)
+        count = tl.sum(n_row, 0)
+        mean_c = tl.sum(mean * n_row[:, None], 0) / count
+        d = mean - mean_c[None, :]
+        m2_c = tl.sum(m2, 0) + tl.sum(d * d * n_row[:, None], 0)
+    else:
+        # NCHW tiles reduce along their contiguous axis (within a warp): fold each tile's exact mean and M2 into
+        # the running ones (Chan, Golub & LeVeque 1979: no sum-of-squares cancellation).
+        count = 0.0
+        mean_c = tl.zeros([BLOCK_C], tl.float32)
+        m2_c = tl.zeros([BLOCK_C], tl.float32)
+        for s0 in range(start, end, BLOCK_S):
+            s = s0 + rows
+            mask = (s < end)[:, None] & c_ok[None, :]
+            h = tl.load(x_base + s[:, None] * sxs + c[None, :] * sxc, mask=mask, other=0.0).to(tl.float32)
+            if HAS_RES:
+                h += tl.load(r_base + s[:, None] * srs + c[None, :] * src, mask=mask, other=0.0).to(tl.float32)
+            nb = tl.minimum(end - s0, BLOCK_S).to(tl.float32)
+            mb = tl.sum(h, 0) / nb
+            d = tl.where(mask, h - mb[None, :], 0.0)
+            m2b = tl.sum(d * d, 0)
+            tot = count + nb
+            delta = mb - mean_c
+            mean_c = mean_c + delta * (nb / tot)
+            m2_c = m2_c + m2b + delta * delta * (count * nb / tot)
+            count = tot
 
     out = (n * SPLIT + sp).to(tl.int64) * C + c
     tl.store(PMEAN + out, mean_c, mask=c_ok)
@@ -344,11 +368,13 @@ def _choose_algorithm(n: int, c: int, g: int, s: int) -> str:
 
 
 def _num_splits(n: int, c: int, s: int, channels_last: bool, device: torch.device) -> int:
-    # Enough (sample, chunk, channel block) programs to cover the SMs ~4 times. Channel blocks are 8 wide on NCHW
-    # and 128 wide on channels-last (_NCHW_CONFIGS / _NHWC_CONFIGS).
-    channel_blocks = triton.cdiv(c, 128 if channels_last else 8)
-    want = triton.cdiv(4 * _sm_count(device), n * channel_blocks)
-    return max(1, min(want, MAX_SPLITS, triton.cdiv(s, MIN_SPLIT_ROWS)))
+    if channels_last:
+        # One channel block of 128-256 channels per program: enough spatial chunks to cover the SMs ~4 times.
+        want = triton.cdiv(4 * _sm_count(device), n * triton.cdiv(c, 128))
+        return max(1, min(want, MAX_SPLITS_NHWC, triton.cdiv(s, MIN_SPLIT_ROWS // 2)))
+    # NCHW: 8-16-channel blocks already give many programs; this count measured best (run 3 vs run 4).
+    want = max(1, 4 * _sm_count(device) // max(1, n * max(1, c // 64)))
+    return max(1, min(want, MAX_SPLITS_NCHW, triton.cdiv(s, MIN_SPLIT_ROWS)))
 
 
 def _check_inputs(x, num_groups, weight, bias, residual, return_sum) -> None:

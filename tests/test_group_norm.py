@@ -113,6 +113,17 @@ def test_residual_per_channel(algorithm, small_splits):
     torch.testing.assert_close(y.float(), ref, atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_split_long_chunks(channels_last, monkeypatch):
+    # One spatial chunk per sample spanning several tiles: exercises the running (Chan / Welford) combination
+    # inside one stats program, with a partial last tile (675 = 2 x 256 + 163 positions).
+    monkeypatch.setattr(gn_mod, "MIN_SPLIT_ROWS", 4096)
+    atol, rtol = TOLERANCES[torch.float32]
+    x, w, b = _inputs((2, 8, 25, 27), 2, torch.float32, channels_last, mean=5.0, std=3.0)
+    x = x + torch.linspace(-20, 20, 25 * 27, device=x.device).view(1, 1, 25, 27)  # per-tile means differ
+    _run_and_check(x, 2, w, b, atol, rtol, "long chunks", silu=True, algorithm="split")
+
+
 @pytest.mark.parametrize("algorithm", ["fused", "split"])
 def test_no_affine_no_silu_3d(algorithm, small_splits):
     atol, rtol = TOLERANCES[torch.float32]
