@@ -11,6 +11,7 @@ import torch
 from diffrt.models.layers import _attention_torch, _group_norm_torch
 
 _ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
+_MAX_HEAD_DIM = 256  # the kernel's limit: the VAE's single 512-wide head runs on torch
 # Under TRITON_INTERPRET=1 the kernels run on CPU tensors through Triton's interpreter (how CI tests them).
 _KERNEL_DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on") else "cuda"
 
@@ -26,7 +27,7 @@ def group_norm(x, num_groups, weight, bias, eps, silu=False):
 def attention(q, k, v):
     """q [B, H, Sq, D], k/v [B, H, Sk, D] (the layers' layout) -> [B, H, Sq, D]; the kernel reads [B, S, H, D]
     views of the same memory, so no copy is made either way."""
-    if not (q.device.type == _KERNEL_DEVICE and q.dtype in _ATTENTION_DTYPES):
+    if not (q.device.type == _KERNEL_DEVICE and q.dtype in _ATTENTION_DTYPES and q.shape[-1] <= _MAX_HEAD_DIM):
         return _attention_torch(q, k, v)
     from diffrt.kernels.attention import attention as kernel
 
