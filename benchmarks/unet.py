@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--out", required=True)
     ap.add_argument("--no-diffusers", action="store_true")
+    ap.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD)")
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -103,7 +104,7 @@ def main() -> None:
     for r in rows:
         r["speedup_vs_diffusers_eager"] = base["median_ms"] / r["median_ms"] if base else None
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"environment": environment(None), "rows": rows}, indent=2))
+    Path(args.out).write_text(json.dumps({"environment": environment(args.commit), "rows": rows}, indent=2))
     print(f"wrote {args.out}")
 
 
