@@ -104,7 +104,7 @@ def run_generate(args: argparse.Namespace) -> int:
     pipe = Pipeline.from_pretrained(model, device=device, dtype=dtype, variant=args.variant,
                                     allow_pickle=args.allow_pickle, tokenizer=args.tokenizer,
                                     prediction_type=args.prediction_type, backend=args.backend)  # fmt: skip
-    if pipe.c.is_random:
+    if pipe.components.is_random:
         print(
             f"note: {model!r} is a preset with random weights: its picture is noise, not your prompt", file=sys.stderr
         )

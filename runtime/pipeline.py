@@ -59,7 +59,7 @@ class Pipeline:
     """A loaded diffusion model ready to generate. Build it with `Pipeline.from_pretrained`."""
 
     def __init__(self, components: Components, device: torch.device, dtype: torch.dtype, prompt_cache_size: int = 32):
-        self.c = components
+        self.components = components
         self.device, self.dtype = device, dtype
         self.scheduler_config = SchedulerConfig.from_diffusers(components.scheduler_config)
         self.sdxl = components.text_encoder_2 is not None
@@ -88,14 +88,15 @@ class Pipeline:
         backend: "torch" or "triton" (diffrt.backends; the switch is process-wide, as the kernels are shared)."""
         from diffrt.assembly import components_from_path, components_from_preset
         from diffrt.backends import use_backend
+        from diffrt.presets import PRESETS
 
-        if isinstance(path_or_preset, str) and path_or_preset in _preset_names():
+        use_backend(backend)  # first: an unknown backend fails before any loading
+        if isinstance(path_or_preset, str) and path_or_preset in PRESETS:
             comps = components_from_preset(path_or_preset, seed=seed)
         else:
             comps = components_from_path(
                 path_or_preset, variant=variant, allow_pickle=allow_pickle, tokenizer=tokenizer
             )
-        use_backend(backend)
         if prediction_type is not None:
             comps.scheduler_config = {**comps.scheduler_config, "prediction_type": prediction_type}
         device = torch.device(device)
@@ -103,6 +104,9 @@ class Pipeline:
             module = getattr(comps, name)
             if module is not None:
                 module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        sdxl = comps.text_encoder_2 is not None
+        if sdxl and dtype == torch.float16 and getattr(comps.vae.config, "force_upcast", False):
+            comps.vae.float()  # the SDXL VAE overflows in fp16: upcast as diffusers' SDXL pipelines do
         return cls(comps, device, dtype)
 
     # ---- text conditioning ---------------------------------------------------------------------------------------
@@ -116,7 +120,7 @@ class Pipeline:
         if key in self._prompt_cache:
             self._prompt_cache.move_to_end(key)
             return self._prompt_cache[key]
-        c = self.c
+        c = self.components
         ids = c.tokenizer(prompts).to(self.device) if c.text_encoder is not None else None
         ids_2 = c.tokenizer_2(prompts).to(self.device) if c.text_encoder_2 is not None else None
         with torch.inference_mode():
@@ -129,7 +133,7 @@ class Pipeline:
     # ---- generation ----------------------------------------------------------------------------------------------
 
     def default_sampler(self) -> str:
-        return _SAMPLER_FOR_CLASS.get(self.c.scheduler_config.get("_class_name", ""), "euler")
+        return _SAMPLER_FOR_CLASS.get(self.components.scheduler_config.get("_class_name", ""), "euler")
 
     @torch.inference_mode()
     def __call__(
@@ -189,7 +193,7 @@ class Pipeline:
         n = len(prompts) * batch
         embeds, pooled = self.encode_prompt(prompts, clip_skip)
         embeds, pooled = _repeat(embeds, batch), _repeat(pooled, batch)
-        unet_cfg = self.c.unet.config
+        unet_cfg = self.components.unet.config
         lcm_guidance = getattr(unet_cfg, "time_cond_proj_dim", None) is not None
         cfg = guidance_scale > 1.0 and not lcm_guidance
         if cfg:
@@ -222,7 +226,7 @@ class Pipeline:
                 raise ValueError(f"latents have shape {tuple(latents.shape)}; this call needs {shape}")
             x = initial_latents(latents.to(self.device, self.dtype), schedule)
 
-        unet = self.c.unet
+        unet = self.components.unet
 
         def model_output(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if not cfg:
@@ -243,7 +247,7 @@ class Pipeline:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """UNet latents -> images [B, 3, H, W] in [0, 1]."""
-        vae, cfg = self.c.vae, self.c.vae.config
+        vae, cfg = self.components.vae, self.components.vae.config
         z = latents / cfg.scaling_factor
         if getattr(cfg, "shift_factor", None):
             z = z + cfg.shift_factor
@@ -253,13 +257,13 @@ class Pipeline:
     # ---- helpers -------------------------------------------------------------------------------------------------
 
     def _default_size(self) -> int:
-        sample_size = getattr(self.c.unet.config, "sample_size", None) or 64
+        sample_size = getattr(self.components.unet.config, "sample_size", None) or 64
         return sample_size * self.vae_scale
 
     def _negative(self, negative_prompt, prompts, batch, embeds, pooled):
         """The unconditional branch as diffusers builds it: SDXL base uses zeros when no negative prompt is given;
         otherwise the negative prompt (or "") is encoded without clip_skip."""
-        if negative_prompt is None and self.sdxl and self.c.force_zeros_for_empty_prompt:
+        if negative_prompt is None and self.sdxl and self.components.force_zeros_for_empty_prompt:
             return torch.zeros_like(embeds), (torch.zeros_like(pooled) if pooled is not None else None)
         negatives = [negative_prompt or ""] * len(prompts) if not isinstance(negative_prompt, list) else negative_prompt
         if len(negatives) != len(prompts):
@@ -273,18 +277,12 @@ class Pipeline:
         x = x.expand(n, -1, -1, -1) if x.shape[0] == 1 else x
         if x.shape[0] != n:
             raise ValueError(f"{x.shape[0]} init images for {n} outputs; give one image or one per output")
-        vae, cfg = self.c.vae, self.c.vae.config
+        vae, cfg = self.components.vae, self.components.vae.config
         encoded = vae.encode(x.to(next(vae.parameters()).dtype))
         z = encoded if _is_taesd(vae) else encoded.sample(generator)
         if getattr(cfg, "shift_factor", None):
             z = z - cfg.shift_factor
         return (z * cfg.scaling_factor).to(self.dtype)
-
-
-def _preset_names():
-    from diffrt.presets import PRESETS
-
-    return PRESETS
 
 
 def _is_taesd(vae: torch.nn.Module) -> bool:

@@ -135,7 +135,7 @@ def test_no_guidance_skips_the_unconditional_pass(saved):
     _, root, _ = saved
     pipe = diffrt.Pipeline.from_pretrained(root)
     batches = []
-    hook = pipe.c.unet.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
+    hook = pipe.components.unet.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
     try:
         for guidance in (0.0, 1.0, 3.0):
             batches.clear()
