@@ -44,7 +44,7 @@ def add_parser(subparsers) -> None:
 
     j = stages.add_parser("judge", help="train the adherence judge on procedural images")
     j.add_argument("--out", default=None, help="weights file (default: the package's judge.safetensors)")
-    j.add_argument("--steps", type=int, default=6000)
+    j.add_argument("--steps", type=int, default=8000)
     j.add_argument("--batch", type=int, default=64)
     j.add_argument("--lr", type=float, default=2e-3)
     j.add_argument("--seed", type=int, default=0)

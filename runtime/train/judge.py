@@ -149,7 +149,7 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def train_judge(
-    out: str, steps: int = 6000, batch: int = 64, lr: float = 2e-3, seed: int = 0, log_every: int = 200, log=print
+    out: str, steps: int = 8000, batch: int = 64, lr: float = 2e-3, seed: int = 0, log_every: int = 200, log=print
 ) -> Judge:
     """Train from scratch on procedural images (seeds seed*10**8 + step*batch + i, split "all") and save to `out`."""
     torch.manual_seed(seed)
