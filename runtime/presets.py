@@ -7,6 +7,7 @@ is used. Each scheduler config is the one the family's public checkpoints ship (
 
 from dataclasses import dataclass
 
+from diffrt.clip_bpe import BOS, EOS, base_vocabulary
 from diffrt.tokenizer import CLIPTokenizer
 
 # Stable Diffusion's training schedule (all SD 1.x/2.x/XL checkpoints): scaled-linear betas 0.00085..0.012.
@@ -45,19 +46,11 @@ PRESETS: dict[str, PipelinePreset] = {
 }
 
 
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2/CLIP's printable stand-in for each byte (OpenAI simple_tokenizer.bytes_to_unicode), in byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    extra = iter(range(256, 512))
-    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
-
-
 def byte_level_tokenizer() -> CLIPTokenizer:
     """A CLIP tokenizer with CLIP's base vocabulary (bytes, bytes + `</w>`) and no merges: one token per byte.
 
     The random-weight presets have no trained vocabulary; this one encodes any prompt losslessly in 514 ids, which
     fits every preset's embedding table.
     """
-    symbols = _bytes_to_unicode()
-    tokens = [*symbols, *(s + "</w>" for s in symbols), "<|startoftext|>", "<|endoftext|>"]
+    tokens = [*base_vocabulary(), BOS, EOS]
     return CLIPTokenizer({t: i for i, t in enumerate(tokens)}, [])

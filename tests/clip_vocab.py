@@ -5,16 +5,12 @@ the 256 byte-level symbols, the same 256 with `</w>` (end of word), one token pe
 `<|startoftext|>` and `<|endoftext|>` as the two highest ids. merges.txt starts with a `#version: 0.2` header.
 """
 
-import json
 import random
 from pathlib import Path
 
-from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+from diffrt.clip_bpe import BOS, EOS, write_clip_bpe
 
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-
-# CLIP's pre-tokenizer pattern (OpenAI simple_tokenizer / transformers' CLIPTokenizer), used here only for training.
-_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+__all__ = ["BOS", "EOS", "build_clip_vocab"]
 
 _WORDS = (  # split into words in _corpus()
     "a photo of an astronaut riding a horse on mars highly detailed 8k trending on artstation portrait woman man "
@@ -36,62 +32,6 @@ def _corpus(n_lines: int = 400, seed: int = 0) -> list[str]:
 
 
 def build_clip_vocab(folder: Path, pad_token: str = EOS, vocab_size: int = 1024) -> Path:
-    """Train a CLIP-layout BPE of at most `vocab_size` tokens (the tiny text encoders' vocabulary) on a small prompt
-    corpus; write vocab.json, merges.txt and the tokenizer configs."""
-    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    tok.normalizer = normalizers.Sequence(
-        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
-    )
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(_PATTERN), behavior="removed", invert=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=2,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        end_of_word_suffix="</w>",
-        show_progress=False,
-    )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
-    merges = [
-        tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in json.loads(tok.to_str())["model"]["merges"]
-    ]
-
-    byte_symbols = list(_bytes_to_unicode().values())  # CLIP's order: printable bytes first, so "!" is id 0
-    tokens = byte_symbols + [s + "</w>" for s in byte_symbols]
-    known = set(tokens)
-    kept = []
-    for a, b in merges:
-        if len(tokens) == vocab_size - 2:
-            break
-        if a in known and b in known and a + b not in known:  # every merge builds on tokens already in the vocab
-            kept.append((a, b))
-            tokens.append(a + b)
-            known.add(a + b)
-    tokens += [BOS, EOS]
-    vocab = {t: i for i, t in enumerate(tokens)}
-
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in kept), encoding="utf-8")
-    special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": pad_token}
-    (folder / "special_tokens_map.json").write_text(json.dumps(special), encoding="utf-8")
-    config = {"model_max_length": 77, "do_lower_case": True, "tokenizer_class": "CLIPTokenizer", **special}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
-    return folder
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    # GPT-2/CLIP's reversible byte -> printable-character table (openai/CLIP simple_tokenizer.py).
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
+    """A CLIP-layout BPE of at most `vocab_size` tokens (the tiny text encoders' vocabulary) trained on a small prompt
+    corpus, written to `folder` (vocab.json, merges.txt and the tokenizer configs)."""
+    return write_clip_bpe(folder, _corpus(), vocab_size, pad_token)

@@ -10,75 +10,29 @@ exact labels make unnecessary. The UNet stage then fine-tunes it jointly at a lo
 only has to give it a sensible start. Captions come from the "train" split only: held-out pairs are never seen.
 """
 
-import json
 import os
 
 import torch
 import torch.nn.functional as F
-from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 from torch import nn
 
+from diffrt.clip_bpe import write_clip_bpe
 from diffrt.models.clip import CLIPTextConfig, CLIPTextModel
-from diffrt.presets import _bytes_to_unicode
-from diffrt.tokenizer import CLIP_PATTERN, CLIPTokenizer
+from diffrt.tokenizer import CLIPTokenizer
 from diffrt.train import checkpoint as ck
 from diffrt.train import shapes
 from diffrt.train.data import StepBatches
 from diffrt.train.export import save_component
 from diffrt.train.recipes import StageSettings, read_run
 
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 CORPUS_SIZE = 20_000
 
 
 def train_tokenizer(folder: str, vocab_limit: int, seed: int = 0) -> CLIPTokenizer:
     """Train a CLIP-layout BPE on captions of seeds seed*10**8 + 0..CORPUS_SIZE-1 and write it to `folder`."""
-    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    tok.normalizer = normalizers.Sequence(
-        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
-    )
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(CLIP_PATTERN), behavior="removed", invert=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_limit,
-        min_frequency=2,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        end_of_word_suffix="</w>",
-        show_progress=False,
-    )
     base = seed * 10**8
-    tok.train_from_iterator([shapes.caption(shapes.labels_of(base + i)) for i in range(CORPUS_SIZE)], trainer)
-    merges = [
-        tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in json.loads(tok.to_str())["model"]["merges"]
-    ]
-
-    symbols = _bytes_to_unicode()
-    tokens = symbols + [s + "</w>" for s in symbols]
-    known, kept = set(tokens), []
-    for a, b in merges:  # CLIP's vocabulary holds one token per merge, each built from tokens before it
-        if len(tokens) == vocab_limit - 2:
-            break
-        if a in known and b in known and a + b not in known:
-            kept.append((a, b))
-            tokens.append(a + b)
-            known.add(a + b)
-    tokens += [BOS, EOS]
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump({t: i for i, t in enumerate(tokens)}, f, ensure_ascii=False)
-    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in kept))
-    special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
-    with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
-        json.dump(special, f, indent=2)
-    config = {"model_max_length": 77, "do_lower_case": True, "tokenizer_class": "CLIPTokenizer", **special}
-    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    return CLIPTokenizer.from_pretrained(folder)
+    captions = (shapes.caption(shapes.labels_of(base + i)) for i in range(CORPUS_SIZE))
+    return CLIPTokenizer.from_pretrained(write_clip_bpe(folder, captions, vocab_limit))
 
 
 class LabelHeads(nn.Module):
