@@ -40,6 +40,16 @@ def default_steps(sampler: str) -> int:
     return {"lcm": 4, "tcd": 4, "turbo": 1}.get(sampler, 25)
 
 
+def default_guidance(sampler: str, *, sdxl: bool, guidance_embedding: bool) -> float:
+    """diffusers' pipeline defaults: 8.5 embedded by an LCM UNet (LatentConsistencyModelPipeline), no guidance for
+    the other few-step samplers, 7.5 for SD (5 for SDXL)."""
+    if guidance_embedding:
+        return 8.5
+    if sampler in FEW_STEP_SAMPLERS:
+        return 1.0
+    return 5.0 if sdxl else 7.5
+
+
 @dataclass
 class Components:
     """The modules and files one pipeline runs; text_encoder is None for an SDXL refiner-style checkpoint."""
@@ -174,8 +184,10 @@ class Pipeline:
         """
         sampler = sampler or self.default_sampler()
         steps = default_steps(sampler) if steps is None else steps
+        unet_cfg = self.components.unet.config
+        lcm_guidance = getattr(unet_cfg, "time_cond_proj_dim", None) is not None
         if guidance_scale is None:
-            guidance_scale = 1.0 if sampler in FEW_STEP_SAMPLERS else (5.0 if self.sdxl else 7.5)
+            guidance_scale = default_guidance(sampler, sdxl=self.sdxl, guidance_embedding=lcm_guidance)
         if image is not None and (height is None or width is None):
             w, h = _image_size(image)
             height, width = height or h, width or w
@@ -193,8 +205,6 @@ class Pipeline:
         n = len(prompts) * batch
         embeds, pooled = self.encode_prompt(prompts, clip_skip)
         embeds, pooled = _repeat(embeds, batch), _repeat(pooled, batch)
-        unet_cfg = self.components.unet.config
-        lcm_guidance = getattr(unet_cfg, "time_cond_proj_dim", None) is not None
         cfg = guidance_scale > 1.0 and not lcm_guidance
         if cfg:
             neg_embeds, neg_pooled = self._negative(negative_prompt, prompts, batch, embeds, pooled)
