@@ -379,7 +379,9 @@ def main() -> None:
     log(f"benchmark: {len(rows)} rows in {time.time() - t0:.0f} s")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"environment": {**env, "copy_gbps": copy_gbps}, "rows": rows}, indent=1))
+    env = {**env, "copy_gbps": copy_gbps}
+    rows = [{**env, **r} for r in rows]  # every row names the GPU, versions and commit
+    out.write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
     print(f"wrote {out}")
 
 

@@ -81,7 +81,8 @@ def main() -> None:
         use_backend("triton" if "triton" in name else "torch")
         with torch.no_grad():
             out = fn().float()
-            timing = bench_graph(fn) if graph else bench_eager(fn)
+            # A UNet forward takes tens of ms: time at least ~1 s so that the percentiles come from many repetitions.
+            timing = bench_graph(fn, rep_ms=1000.0) if graph else bench_eager(fn, warmup=200, rep=1000)
         med, p20, p80 = timing
         flops = GFLOP.get((args.preset, args.size))
         row = dict(name=name, preset=args.preset, component="unet", dtype="float16", batch=1, height=args.size,
@@ -104,7 +105,9 @@ def main() -> None:
     for r in rows:
         r["speedup_vs_diffusers_eager"] = base["median_ms"] / r["median_ms"] if base else None
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"environment": environment(args.commit), "rows": rows}, indent=2))
+    env = environment(args.commit)
+    rows = [{**env, **r} for r in rows]  # every row names the GPU, versions and commit
+    Path(args.out).write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
     print(f"wrote {args.out}")
 
 
