@@ -60,9 +60,10 @@ def autocast(device, precision: str):
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def step_generator(seed: int, step: int, device="cpu") -> torch.Generator:
-    """The generator of one training step: its noise, timesteps and dropout depend on (seed, step) only."""
-    return torch.Generator(device).manual_seed(seed * 1_000_003 + step)
+def step_generator(seed: int, step: int, device="cpu", stream: int = 0) -> torch.Generator:
+    """The generator of one training step: its noise, timesteps and dropout depend on (seed, step) only; `stream`
+    gives the same step further independent streams (e.g. host-side draws beside the device's)."""
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + step + stream * 10**12)
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -144,8 +145,9 @@ def run_loop(
     log: Callable[[str], None] = print,
     log_every: int = 50,
 ) -> dict:
-    """Resume from `folder` if it holds a state (whose settings must equal `settings`, except that `steps` may grow:
-    the learning rate is constant after warm-up, so training longer continues the same run), then call step_fn(step)
+    """Resume from `folder` if it holds a state (whose settings must equal `settings`, except `steps`: the
+    learning rate is constant after warm-up, so training longer continues the same run, and --steps equal to the
+    step reached ends the stage there), then call step_fn(step)
     up to settings["steps"], saving every `save_every` steps, at the end, and when `max_seconds` have passed.
     Returns {"step", "done", "history": [(step, metrics)], "seconds_per_step"}."""
     state = read_state(folder)
@@ -166,11 +168,11 @@ def run_loop(
     while step < steps:
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * lr_factor(step, settings.get("warmup", 0))
-        metrics = step_fn(step)
+        metrics = step_fn(step)  # tensors are read only when logged: a read per step would sync the GPU each step
         history.append((step, metrics))
         step += 1
         if step % log_every == 0 or step == steps:
-            text = " ".join(f"{k} {v:.5f}" for k, v in metrics.items())
+            text = " ".join(f"{k} {float(v):.5f}" for k, v in metrics.items())
             log(f"step {step}/{steps} {text} ({(time.time() - t0) / (step - start):.3f} s/step)")
         out_of_time = max_seconds is not None and time.time() - t0 > max_seconds
         if step % save_every == 0 or step == steps or out_of_time:
@@ -178,7 +180,10 @@ def run_loop(
             if out_of_time and step < steps:
                 log(f"time budget reached: saved step {step}; run the same command again to continue")
                 break
+    if state is not None and step == start and state["settings"]["steps"] != steps:
+        save_checkpoint(folder, step, modules, opt, info)  # a shorter --steps ends the stage here: record it as done
     seconds = (time.time() - t0) / max(step - start, 1)
+    history = [(i, {k: float(v) for k, v in m.items()}) for i, m in history]
     return {"step": step, "done": step >= steps, "history": history, "seconds_per_step": seconds}
 
 
@@ -193,6 +198,11 @@ def ema_update(target: nn.Module, source: nn.Module, decay: float) -> None:
         for t, s in pairs:
             if not t.is_floating_point():
                 t.copy_(s)
+
+
+def adamw(groups: list[dict], device, weight_decay: float = 1e-2) -> torch.optim.AdamW:
+    """AdamW, fused into one kernel per step on CUDA (the foreach version launches several per parameter group)."""
+    return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=torch.device(device).type == "cuda")
 
 
 def param_groups(*groups: tuple[list[nn.Parameter], float]) -> list[dict]:

@@ -66,6 +66,7 @@ def run_stage(args: argparse.Namespace) -> int:
     from diffrt.train.recipes import init_run, stage_settings
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.benchmark = True  # fixed shapes every step: let cuDNN pick its fastest convolutions once
     init_run(args.run, args.preset)
     precision = args.precision or ("bf16" if device.startswith("cuda") else "fp32")
     extra = {k: getattr(args, k) for k in EXTRA_FLAGS[args.stage]}

@@ -24,7 +24,7 @@ from diffrt.models.unet import UNet2DConditionModel, UNetConfig
 from diffrt.schedules import SchedulerConfig, alphas_cumprod
 from diffrt.tokenizer import CLIPTokenizer
 from diffrt.train import checkpoint as ck
-from diffrt.train.data import StepBatches, batches, to_model_input
+from diffrt.train.data import CaptionIds, StepBatches, batches, to_model_input
 from diffrt.train.export import read_component, save_component
 from diffrt.train.recipes import LCM_TIME_COND_DIM, NOISE_SCHEDULE, StageSettings, read_run
 from diffrt.train.unet import frozen, noised
@@ -76,17 +76,17 @@ def train_lcm(run: str, s: StageSettings, device="cpu", workers=0, max_seconds=N
     unet_dir = ck.finished_stage(run, "unet")
     teacher = frozen(load_model(os.path.join(unet_dir, "model")), device)
     text = frozen(load_model(os.path.join(unet_dir, "text_model")), device)
-    tok = CLIPTokenizer.from_pretrained(os.path.join(run, "tokenizer"))
+    caption_ids = CaptionIds(CLIPTokenizer.from_pretrained(os.path.join(run, "tokenizer")))
     torch.manual_seed(s.seed)
     teacher_config, _ = read_component(os.path.join(unet_dir, "model"))
     student, student_config = student_unet(teacher, teacher_config)
     student = student.to(device).train()
     target = copy.deepcopy(student).requires_grad_(False)
-    opt = torch.optim.AdamW(ck.param_groups((list(student.parameters()), s.lr)), weight_decay=1e-2)
+    opt = ck.adamw(ck.param_groups((list(student.parameters()), s.lr)), device)
     ac = alphas_cumprod(SchedulerConfig(**NOISE_SCHEDULE)).to(device)
     starts, prevs = (t.to(device) for t in ddim_schedule(x["ddim_steps"], len(ac)))
     with torch.no_grad():
-        uncond = text(tok([""]).to(device)).last_hidden_state
+        uncond = text(caption_ids([""]).to(device)).last_hidden_state
     folder = os.path.join(run, "lcm")
     state = ck.read_state(folder)
     data = batches(StepBatches(s.seed, s.batch, arch.image_size), state["step"] if state else 0, s.steps, workers)
@@ -98,7 +98,7 @@ def train_lcm(run: str, s: StageSettings, device="cpu", workers=0, max_seconds=N
         n = len(captions)
         with torch.no_grad(), ck.autocast(device, s.precision):
             z = vae.encode(to_model_input(images, device)).sample(gen).float() * scaling
-            cond = text(tok(captions).to(device)).last_hidden_state
+            cond = text(caption_ids(captions).to(device, non_blocking=True)).last_hidden_state
         index = torch.randint(0, len(starts), (n,), generator=gen, device=device)
         t_start, t_prev = starts[index], prevs[index]
         noise = torch.randn(z.shape, generator=gen, device=device)
@@ -129,7 +129,7 @@ def train_lcm(run: str, s: StageSettings, device="cpu", workers=0, max_seconds=N
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         ck.ema_update(target, student, x["ema_decay"])
-        return {"loss": loss.item()}
+        return {"loss": loss.detach()}
 
     result = ck.run_loop(folder, s.as_dict(), {"student": student, "target": target}, opt, step,
                          save_every=kw.get("save_every", 500), max_seconds=max_seconds, log=log)  # fmt: skip

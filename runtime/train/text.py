@@ -21,7 +21,7 @@ from diffrt.models.clip import CLIPTextConfig, CLIPTextModel
 from diffrt.tokenizer import CLIPTokenizer
 from diffrt.train import checkpoint as ck
 from diffrt.train import shapes
-from diffrt.train.data import StepBatches
+from diffrt.train.data import CaptionIds, StepBatches
 from diffrt.train.export import save_component
 from diffrt.train.recipes import StageSettings, read_run
 
@@ -64,17 +64,18 @@ def train_text(run: str, s: StageSettings, device="cpu", workers=0, max_seconds=
     config = text_config(run, tok.vocab_size)
     encoder = CLIPTextModel(CLIPTextConfig.from_transformers(config)).to(device)
     heads = LabelHeads(encoder.config.hidden_size).to(device)
-    opt = torch.optim.AdamW(ck.param_groups((list(encoder.parameters()) + list(heads.parameters()), s.lr)))
+    opt = ck.adamw(ck.param_groups((list(encoder.parameters()) + list(heads.parameters()), s.lr)), device)
     data = StepBatches(s.seed, s.batch, arch.image_size, "train", images=False)
+    caption_ids = CaptionIds(tok)
 
     def step(i: int) -> dict:
         _, captions, labels = data[i]
-        out = encoder(tok(captions).to(device))
+        out = encoder(caption_ids(captions).to(device, non_blocking=True))
         loss, right = heads.loss(out.pooled, labels.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return {"loss": loss.item(), "all_right": right.item()}
+        return {"loss": loss.detach(), "all_right": right}
 
     folder = os.path.join(run, "text")
     result = ck.run_loop(folder, s.as_dict(), {"text_encoder": encoder, "heads": heads}, opt, step,

@@ -17,7 +17,7 @@ from diffrt.models.unet import UNet2DConditionModel, UNetConfig
 from diffrt.schedules import SchedulerConfig, alphas_cumprod
 from diffrt.tokenizer import CLIPTokenizer
 from diffrt.train import checkpoint as ck
-from diffrt.train.data import StepBatches, batches, to_model_input
+from diffrt.train.data import CaptionIds, StepBatches, batches, to_model_input
 from diffrt.train.export import read_component, save_component
 from diffrt.train.recipes import NOISE_SCHEDULE, StageSettings, read_run
 
@@ -32,7 +32,8 @@ def ema_decay(step: int, decay: float) -> float:
 
 
 def drop_captions(captions: list[str], p: float, generator: torch.Generator) -> list[str]:
-    drop = torch.rand(len(captions), generator=generator, device=generator.device).tolist()
+    """Replace a share p of captions by "" (the draws come from a CPU generator: reading GPU draws back would sync)."""
+    drop = torch.rand(len(captions), generator=generator).tolist()
     return ["" if d < p else c for c, d in zip(captions, drop)]
 
 
@@ -62,14 +63,14 @@ def train_unet(run: str, s: StageSettings, device="cpu", workers=0, max_seconds=
     arch = read_run(run)
     vae = frozen(load_model(os.path.join(ck.finished_stage(run, "vae"), "model")), device)
     text = load_model(os.path.join(ck.finished_stage(run, "text"), "model")).to(device).train()
-    tok = CLIPTokenizer.from_pretrained(os.path.join(run, "tokenizer"))
+    caption_ids = CaptionIds(CLIPTokenizer.from_pretrained(os.path.join(run, "tokenizer")))
     torch.manual_seed(s.seed)
     unet = UNet2DConditionModel(UNetConfig.from_diffusers(arch.unet)).to(device)
     unet_ema, text_ema = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
     ac = alphas_cumprod(SchedulerConfig(**NOISE_SCHEDULE)).to(device)
     groups = ck.param_groups((list(unet.parameters()), s.lr), (list(text.parameters()), s.extra["text_lr"]))
     text.requires_grad_(s.extra["text_lr"] > 0)
-    opt = torch.optim.AdamW(groups, weight_decay=1e-2)
+    opt = ck.adamw(groups, device)
     modules = {"unet": unet, "text_encoder": text, "unet_ema": unet_ema, "text_encoder_ema": text_ema}
     folder = os.path.join(run, "unet")
     state = ck.read_state(folder)
@@ -81,7 +82,8 @@ def train_unet(run: str, s: StageSettings, device="cpu", workers=0, max_seconds=
         gen = ck.step_generator(s.seed, i, device)
         with torch.no_grad(), ck.autocast(device, s.precision):
             z = vae.encode(to_model_input(images, device)).sample(gen).float() * scaling
-        ids = tok(drop_captions(captions, s.extra["caption_dropout"], gen)).to(device)
+        dropped = drop_captions(captions, s.extra["caption_dropout"], ck.step_generator(s.seed, i, stream=1))
+        ids = caption_ids(dropped).to(device, non_blocking=True)
         with ck.autocast(device, s.precision):
             context = text(ids).last_hidden_state
         loss = diffusion_loss(unet, z, context, ac, gen, s.precision)
@@ -92,7 +94,7 @@ def train_unet(run: str, s: StageSettings, device="cpu", workers=0, max_seconds=
         decay = ema_decay(i, s.extra["ema_decay"])
         ck.ema_update(unet_ema, unet, decay)
         ck.ema_update(text_ema, text, decay)
-        return {"loss": loss.item()}
+        return {"loss": loss.detach()}
 
     result = ck.run_loop(folder, s.as_dict(), modules, opt, step, save_every=kw.get("save_every", 1000),
                          max_seconds=max_seconds, log=log)  # fmt: skip

@@ -34,7 +34,7 @@ def vae_loss(vae: AutoencoderKL, x: torch.Tensor, s: StageSettings, gen: torch.G
     l1, l2 = F.l1_loss(recon, x), F.mse_loss(recon, x)
     kl = kl_loss(posterior.mean.float(), posterior.logvar.float())
     loss = l1 + s.extra["l2_weight"] * l2 + s.extra["kl_weight"] * kl
-    return loss, {"loss": loss.item(), "l1": l1.item(), "kl": kl.item()}
+    return loss, {"loss": loss.detach(), "l1": l1.detach(), "kl": kl.detach()}
 
 
 @torch.no_grad()
@@ -67,7 +67,7 @@ def train_vae(run: str, s: StageSettings, device="cpu", workers=0, max_seconds=N
     arch = read_run(run)
     torch.manual_seed(s.seed)
     vae = AutoencoderKL(AutoencoderKLConfig.from_diffusers(arch.vae)).to(device)
-    opt = torch.optim.AdamW(ck.param_groups((list(vae.parameters()), s.lr)), weight_decay=0.0)
+    opt = ck.adamw(ck.param_groups((list(vae.parameters()), s.lr)), device, weight_decay=0.0)
     folder = os.path.join(run, "vae")
     state = ck.read_state(folder)
     data = batches(StepBatches(s.seed, s.batch, arch.image_size), state["step"] if state else 0, s.steps, workers)
