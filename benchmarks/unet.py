@@ -85,10 +85,10 @@ def main() -> None:
             timing = bench_graph(fn, rep_ms=1000.0) if graph else bench_eager(fn, warmup=200, rep=1000)
         med, p20, p80 = timing
         flops = GFLOP.get((args.preset, args.size))
-        row = dict(name=name, preset=args.preset, component="unet", dtype="float16", batch=1, height=args.size,
-                   width=args.size, median_ms=med, p20_ms=p20, p80_ms=p80,
-                   tflops=flops / med if flops else None,
-                   max_rel_error_vs_diffusers_fp32=max_rel_error(out, ref) if ref is not None else None)  # fmt: skip
+        row = {"name": name, "preset": args.preset, "component": "unet", "dtype": "float16", "batch": 1,
+               "height": args.size, "width": args.size, "median_ms": med, "p20_ms": p20, "p80_ms": p80,
+               "tflops": flops / med if flops else None,
+               "max_rel_error_vs_diffusers_fp32": max_rel_error(out, ref) if ref is not None else None}  # fmt: skip
         rows.append(row)
         print(f"{name:28s} {med:8.3f} ms  p20 {p20:.3f} p80 {p80:.3f}  err {row['max_rel_error_vs_diffusers_fp32']}")
 

@@ -11,7 +11,8 @@ import tempfile
 
 from diffrt.validation import check_generation_args
 
-DEFAULT_MODEL = "tiny-sd15"  # until diffrt ships a trained default: a random-weight preset, said plainly
+# The embedded model (diffrt.train, issue 5): a 64x64 LCM-distilled SD-family model of procedural shapes, 23 MB.
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DTYPES = ("float32", "float16", "bfloat16")
 

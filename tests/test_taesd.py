@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
-from diffrt.models.taesd import PRESETS, AutoencoderTiny, TAESDConfig
 from safetensors.torch import load_file
 
+from diffrt.models.taesd import PRESETS, AutoencoderTiny, TAESDConfig
 from tests.parity import assert_parity
 
 diffusers = pytest.importorskip("diffusers")

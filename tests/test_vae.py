@@ -5,9 +5,9 @@ from dataclasses import replace
 
 import pytest
 import torch
-from diffrt.models.vae import PRESETS, AutoencoderKL, AutoencoderKLConfig, rename_deprecated_attention_keys
 from safetensors.torch import load_file
 
+from diffrt.models.vae import PRESETS, AutoencoderKL, AutoencoderKLConfig, rename_deprecated_attention_keys
 from tests.parity import assert_parity
 
 diffusers = pytest.importorskip("diffusers")

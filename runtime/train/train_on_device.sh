@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# The embedded model's training as it ran on the device: three phases, each one 10-minute device call on a fresh
-# machine, each ending with its run folder packed under $OUT (tar.gz split into 15 MiB parts) for the next phase.
+# The embedded model's training on a GPU machine in three phases, each sized for one 10-minute device call on a fresh
+# machine, each ending with its run folder packed under $OUT (tar.gz in 15 MiB parts) for the next phase:
 #
-#   bash runtime/train/train_on_device.sh a   # step-time profile, VAE, tokenizer + text encoder
-#   bash runtime/train/train_on_device.sh b   # UNet (the teacher)
-#   bash runtime/train/train_on_device.sh c   # LCM distillation, export, adherence benchmark
+#   bash runtime/train/train_on_device.sh a   # VAE (6960 steps, 4.5 min on an H100), tokenizer + text encoder (1 min)
+#   bash runtime/train/train_on_device.sh b   # UNet, the teacher (3206 steps, 8.6 min)
+#   bash runtime/train/train_on_device.sh c   # LCM distillation (1039 steps, 4.2 min), export, adherence benchmark
 #
-# Phase b and c start from the previous phase's parts copied to $PARTS (default .carry/). Every stage is time-boxed
-# with --max-minutes and then finished at the step it reached (`--steps <reached>`): the exact commands, with the
-# step counts, are in runtime/train/README.md. Settings come from the environment (defaults below).
+# Phases b and c start from the previous phase's parts copied to $PARTS (default .carry/) unless the run folder is
+# still there (a warm machine). Step counts and settings are the recipe's defaults (diffrt.train.recipes.STAGES);
+# --max-minutes only guards the call's limit: a stage stopped by it resumes when its phase runs again on the same
+# machine. PROFILE=1 in phase a first times the training steps (benchmarks/train_step.py).
 set -euo pipefail
 PHASE=$1
 OUT=${OUT:-/tmp/out}; RUN=${RUN:-train_run}; PARTS=${PARTS:-.carry}; PRESET=${PRESET:-default}
@@ -20,32 +21,26 @@ if ! python3 -c "import diffrt" 2>/dev/null; then
 fi
 export PYTHONUNBUFFERED=1
 train() { python3 -m diffrt.cli train "$@"; }
-reached() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['step'])" "$RUN/$1/state.json"; }
-# Train a stage for at most $2 minutes, then finish it at the step it reached (exports its model and reports).
-timeboxed() { local stage=$1 minutes=$2; shift 2
-  train "$stage" "$RUN" "$@" --max-minutes "$minutes"
-  train "$stage" "$RUN" "$@" --steps "$(reached "$stage")"; }
 pack() { tar czf - -C "$RUN" --exclude='.tmp-*' "$@" | split -b 15m - "$OUT/run_$PHASE.tgz.part-"; }
 unpack() { mkdir -p "$RUN" && cat "$PARTS"/run_"$1".tgz.part-* | tar xzf - -C "$RUN"; }
 
 case $PHASE in
 a)
-  if [ "$PRESET" = default ]; then
+  if [ "${PROFILE:-0}" = 1 ]; then
     python3 benchmarks/train_step.py --unet-batches 256 1024 --vae-batches 64 256 --reps 10 --json "$OUT/train_step.json"
   fi
-  timeboxed vae "${VAE_MINUTES:-4.5}" --preset "$PRESET" --batch "${VAE_BATCH:-128}" --lr "${VAE_LR:-4e-4}"
-  train text "$RUN" ${TEXT_STEPS:+--steps "$TEXT_STEPS"}
+  train vae "$RUN" --preset "$PRESET" --max-minutes 7 ${VAE_STEPS:+--steps "$VAE_STEPS"}
+  train text "$RUN" --max-minutes 1.5 ${TEXT_STEPS:+--steps "$TEXT_STEPS"}
   pack .
   ;;
 b)
   [ -f "$RUN/text/model/config.json" ] || unpack a
-  timeboxed unet "${UNET_MINUTES:-9}" --batch "${UNET_BATCH:-256}" --lr "${UNET_LR:-2e-4}" \
-    --warmup "${UNET_WARMUP:-1000}" --steps 1000000
+  train unet "$RUN" --max-minutes 9 ${UNET_STEPS:+--steps "$UNET_STEPS"}
   pack --exclude='ckpt-*' .
   ;;
 c)
   [ -f "$RUN/unet/model/config.json" ] || unpack b
-  timeboxed lcm "${LCM_MINUTES:-4}" --batch "${LCM_BATCH:-128}" --steps 1000000
+  train lcm "$RUN" --max-minutes 6 ${LCM_STEPS:+--steps "$LCM_STEPS"}
   train export "$RUN" "$RUN/student" --max-mb 30
   train export "$RUN" "$RUN/teacher" --teacher
   python3 benchmarks/adherence.py --teacher "$RUN/teacher" --student "$RUN/student" --prompts "${PROMPTS:-500}" \
