@@ -26,6 +26,12 @@ from tests.parity import max_rel_error
 GFLOP = {("sd15", 512): 803, ("sd15", 1024): 4674, ("sd21", 512): 803, ("sdxl", 1024): 6761, ("sdxl", 512): 1589}
 
 
+UNET_TIMING = (
+    "eager rows: triton.testing.do_bench(warmup=200 ms, rep=1000 ms); graph rows: CUDA-graph replays for ~1000 ms; "
+    "L2 flushed before each repetition"
+)
+
+
 def inputs(cfg: UNetConfig, size: int) -> tuple[tuple, dict]:
     g = torch.Generator().manual_seed(0)
     lat = size // 8
@@ -82,7 +88,7 @@ def main() -> None:
         with torch.no_grad():
             out = fn().float()
             # A UNet forward takes tens of ms: time at least ~1 s so that the percentiles come from many repetitions.
-            timing = bench_graph(fn, rep_ms=1000.0) if graph else bench_eager(fn, warmup=200, rep=1000)
+            timing = bench_graph(fn, rep_ms=1000.0) if graph else bench_eager(fn, warmup=200, rep=1000)  # UNET_TIMING
         med, p20, p80 = timing
         flops = GFLOP.get((args.preset, args.size))
         row = {"name": name, "preset": args.preset, "component": "unet", "dtype": "float16", "batch": 1,
@@ -105,7 +111,7 @@ def main() -> None:
     for r in rows:
         r["speedup_vs_diffusers_eager"] = base["median_ms"] / r["median_ms"] if base else None
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    env = environment(args.commit)
+    env = {**environment(args.commit), "timing": UNET_TIMING}
     rows = [{**env, **r} for r in rows]  # every row names the GPU, versions and commit
     Path(args.out).write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
     print(f"wrote {args.out}")
