@@ -184,6 +184,29 @@ def test_resume_with_other_settings_is_refused_but_more_steps_continue(tmp_path,
     assert ck.read_state(os.path.join(folder, "text"))["settings"]["steps"] == 4
 
 
+def test_a_stage_ends_at_the_step_it_reached(tmp_path, run):
+    """What the device calls did: a time-boxed stage stops early, then --steps = the step reached finishes it (its
+    model is exported and downstream stages accept it) without training further."""
+    folder = new_run(str(tmp_path / "r"), run, "vae")
+    assert not run_stage(folder, "vae", max_seconds=0)["done"]  # one step of three
+    ended = run_stage(folder, "vae", steps=1)
+    assert ended["done"] and ended["history"] == [] and ck.finished_stage(folder, "vae")
+    assert ck.read_state(os.path.join(folder, "vae"))["step"] == 1
+    assert os.path.isfile(os.path.join(folder, "vae", "model", "config.json"))
+
+
+def test_caption_ids_equal_the_tokenizer(run):
+    from diffrt.tokenizer import CLIPTokenizer
+    from diffrt.train.data import CaptionIds
+
+    tok = CLIPTokenizer.from_pretrained(os.path.join(run, "tokenizer"))
+    captions = ["a red circle on the left, blue background", "", "a red circle on the left, blue background", "x y"]
+    cached = CaptionIds(tok)
+    assert torch.equal(cached(captions[:2]), tok(captions[:2]))
+    assert torch.equal(cached(captions), tok(captions))  # from the cache and new ones, in order
+    assert len(cached.rows) == 3
+
+
 def test_unfinished_upstream_is_refused(tmp_path):
     folder = str(tmp_path / "r")
     init_run(folder, "tiny")
