@@ -9,6 +9,7 @@ truncated file under a live map means changed weights or SIGBUS).
 
 import contextlib
 import importlib
+import threading
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -49,23 +50,36 @@ def make_config(class_name: str, config: dict, source: str):
 
 @contextlib.contextmanager
 def parameters_on_meta() -> Iterator[None]:
-    """While active, every nn.Parameter registered lands on the meta device; buffers are created normally.
-
-    It patches nn.Module.register_parameter for the duration, so modules built on other threads meanwhile would get
-    meta parameters too; loading builds one module at a time."""
-    register = nn.Module.register_parameter
-
-    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        register(module, name, param)
-        if param is not None:
-            p = module._parameters[name]
-            module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
-
-    nn.Module.register_parameter = on_meta
+    """While active in this thread, every nn.Parameter registered lands on the meta device; buffers are created
+    normally. Modules built meanwhile on other threads are untouched: nn.Module.register_parameter is wrapped while
+    any thread is inside, and the wrapper acts only for the threads that are (a server may load models in parallel)."""
+    global _meta_threads
+    with _meta_lock:
+        if _meta_threads == 0:
+            nn.Module.register_parameter = _register_parameter_maybe_on_meta
+        _meta_threads += 1
+    _meta_local.depth = getattr(_meta_local, "depth", 0) + 1
     try:
         yield
     finally:
-        nn.Module.register_parameter = register
+        _meta_local.depth -= 1
+        with _meta_lock:
+            _meta_threads -= 1
+            if _meta_threads == 0:
+                nn.Module.register_parameter = _register_parameter
+
+
+_register_parameter = nn.Module.register_parameter
+_meta_lock = threading.Lock()
+_meta_threads = 0  # threads inside parameters_on_meta (the wrapper is installed while > 0)
+_meta_local = threading.local()
+
+
+def _register_parameter_maybe_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+    _register_parameter(module, name, param)
+    if param is not None and getattr(_meta_local, "depth", 0) > 0:
+        p = module._parameters[name]
+        module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
 
 
 def _adapt_prefix(state_dict: dict, expected: set[str]) -> dict:
