@@ -28,6 +28,7 @@ def add_parser(subparsers) -> None:
         "--sampler", default=None, help="see `diffrt samplers` (default: what the model's scheduler implies)"
     )
     p.add_argument("--cfg", type=float, default=None, help="guidance scale; 0 or 1 turns guidance off")
+    p.add_argument("--eta", type=float, default=None, help="ddim / tcd: stochastic share in [0, 1] (tcd: gamma)")
     p.add_argument("--seed", type=int, default=None, help="default: random (printed)")
     p.add_argument("--batch", type=int, default=1, help="images per prompt")
     p.add_argument("-i", "--init-image", default=None, help="img2img: the image to start from")
@@ -90,7 +91,7 @@ def run_generate(args: argparse.Namespace) -> int:
     check_generation_args(
         height=given(args.height, 512), width=given(args.width, 512), steps=given(args.steps, 1),
         sampler=given(args.sampler, "euler"), strength=args.strength if args.init_image else None,
-        batch=args.batch, prompts=[args.prompt],
+        batch=args.batch, prompts=[args.prompt], eta=args.eta if args.sampler else None,  # else: once it is known
     )  # fmt: skip
 
     import torch
@@ -118,7 +119,7 @@ def run_generate(args: argparse.Namespace) -> int:
         images = pipe(
             args.prompt, args.negative_prompt, height=args.height, width=args.width, steps=steps, sampler=sampler,
             guidance_scale=args.cfg, seed=seed, batch=args.batch, image=init, strength=args.strength,
-            clip_skip=args.clip_skip, callback=lambda *_: bar.update(),
+            clip_skip=args.clip_skip, callback=lambda *_: bar.update(), eta=args.eta,
         )  # fmt: skip
     paths = output_paths(args.output, len(images))
     for image, path in zip(images, paths):

@@ -169,6 +169,7 @@ class Pipeline:
         output_type: str = "pil",
         return_latents: bool = False,
         callback=None,
+        eta: float | None = None,
     ):
         """Generate `batch` images per prompt.
 
@@ -180,6 +181,7 @@ class Pipeline:
         original_size, crops_coords_top_left, target_size: SDXL's micro-conditioning as (height, width) pairs and a
         (top, left) crop, default the output size and no crop (Podell et al. 2023, Sec. 2.2).
         output_type: "pil" (list of PIL images), "np" (float [B, H, W, 3] in [0, 1]) or "pt" ([B, 3, H, W]).
+        eta: the stochastic share of ddim (default 0) and tcd (its gamma, default 0.3), in [0, 1].
         Returns the images, or (images, latents) with return_latents.
         """
         sampler = sampler or self.default_sampler()
@@ -196,7 +198,7 @@ class Pipeline:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         check_generation_args(
             height=height, width=width, steps=steps, sampler=sampler, strength=strength if image is not None else None,
-            batch=batch, prompts=prompts, multiple=self.vae_scale, output_type=output_type,
+            batch=batch, prompts=prompts, multiple=self.vae_scale, output_type=output_type, eta=eta,
         )  # fmt: skip
         schedule = make_schedule(self.scheduler_config, sampler, steps)
         if image is not None:
@@ -245,7 +247,8 @@ class Pipeline:
             return uncond + guidance_scale * (cond - uncond)
 
         denoiser = Denoiser(model_output, self.scheduler_config.prediction_type)
-        out = SAMPLERS[sampler](denoiser, x, schedule, generator=generator, callback=callback)
+        options = {} if eta is None else {"eta": eta}
+        out = SAMPLERS[sampler](denoiser, x, schedule, generator=generator, callback=callback, **options)
         images = self.decode(out)
         if output_type == "pt":
             result = images

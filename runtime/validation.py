@@ -13,6 +13,9 @@ def nearest_multiples(value: int, multiple: int) -> str:
     return f"{below}" if below == above else f"{below} or {above}"
 
 
+ETA_SAMPLERS = ("ddim", "tcd")  # the samplers whose fresh noise per step is scaled by eta (TCD: its gamma)
+
+
 def check_generation_args(
     *,
     height: int,
@@ -24,8 +27,10 @@ def check_generation_args(
     prompts: list[str],
     multiple: int = 8,
     output_type: str = "pil",
+    eta: float | None = None,
 ) -> None:
-    """Raise ValueError naming the bad value and what is allowed. strength is None for txt2img."""
+    """Raise ValueError naming the bad value and what is allowed. strength is None for txt2img; eta None: the
+    sampler's own."""
     for name, value in (("height", height), ("width", width)):
         if not isinstance(value, int) or value < multiple:
             raise ValueError(f"{name} {value!r} must be a positive integer multiple of {multiple}")
@@ -51,3 +56,8 @@ def check_generation_args(
         raise ValueError("prompt must be a string or a non-empty list of strings")
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type {output_type!r}; choose one of: {', '.join(OUTPUT_TYPES)}")
+    if eta is not None:
+        if sampler not in ETA_SAMPLERS:
+            raise ValueError(f"eta applies to the {' and '.join(ETA_SAMPLERS)} samplers only, not {sampler!r}")
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta {eta} must be in [0, 1] (0: deterministic)")

@@ -71,6 +71,9 @@ BAD = [  # (extra arguments, words the message must contain)
     (["-i", "{init}", "--strength", "0.1", "--steps", "4"], ["0 steps", "strength to >= 0.25", "steps to >= 10"]),
     (["-i", "{missing}"], ["does not exist"]),
     (["--batch", "0"], ["batch 0"]),
+    (["--sampler", "euler", "--eta", "0.5"], ["eta applies to the ddim and tcd samplers only, not 'euler'"]),
+    (["--sampler", "tcd", "--eta", "-0.1"], ["eta -0.1 must be in [0, 1]"]),
+    (["--eta", "0.5"], ["eta applies", "not 'lcm'"]),  # the default model's sampler, known once it is loaded
 ]
 
 

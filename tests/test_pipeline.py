@@ -24,6 +24,7 @@ SCHEDULERS = {  # our sampler -> (diffusers scheduler class, extra config)
     "ddim": ("DDIMScheduler", {"clip_sample": False}),  # as every SD config sets it; the class default is True
     "lcm": ("LCMScheduler", {}),
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "tcd": ("TCDScheduler", {}),
 }
 PROMPT = "a photo of a cat, highly detailed"
 H, W = 64, 96  # non-square
@@ -102,6 +103,32 @@ def test_txt2img_matches_diffusers(saved, sampler, steps, guidance, negative, ba
                        guidance_scale=guidance, num_images_per_prompt=batch, latents=latents.clone(),
                        generator=torch.Generator().manual_seed(7), output_type="np").images  # fmt: skip
     _check(ours, ref)
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddim", 1.0), ("tcd", 0.6)])
+def test_eta_reaches_the_sampler_as_in_diffusers(saved, sampler, eta):
+    """`eta` scales the fresh noise of DDIM and is TCD's gamma; diffusers' pipelines pass the same to step()."""
+    family, root, modules = saved
+    pipe = diffrt.Pipeline.from_pretrained(root)
+    kw = {"height": H, "width": W, "steps": 3, "sampler": sampler, "guidance_scale": 1.0, "output_type": "np"}
+    ours = pipe(PROMPT, latents=_latents(1, pipe.vae_scale), generator=torch.Generator().manual_seed(7), eta=eta, **kw)
+    default = pipe(PROMPT, latents=_latents(1, pipe.vae_scale), generator=torch.Generator().manual_seed(7), **kw)
+    ref_pipe = diffusers_pipeline(family, root, modules, sampler)
+    with torch.no_grad():
+        ref = ref_pipe(PROMPT, height=H, width=W, num_inference_steps=3, guidance_scale=1.0, eta=eta,
+                       latents=_latents(1, pipe.vae_scale), generator=torch.Generator().manual_seed(7),
+                       output_type="np").images  # fmt: skip
+    _check(ours, ref)
+    assert np.abs(ours - default).max() > 1e-3  # the sampler's own eta (0 / 0.3) gives another picture
+
+
+def test_eta_is_refused_where_it_means_nothing(saved):
+    _, root, _ = saved
+    pipe = diffrt.Pipeline.from_pretrained(root)
+    with pytest.raises(ValueError, match="eta applies to the ddim and tcd samplers only, not 'euler'"):
+        pipe(PROMPT, steps=1, sampler="euler", eta=0.5)
+    with pytest.raises(ValueError, match=r"eta 1.5 must be in \[0, 1\]"):
+        pipe(PROMPT, steps=1, sampler="tcd", eta=1.5)
 
 
 @pytest.mark.parametrize("sampler", ["euler", "ddim"])
