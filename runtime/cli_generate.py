@@ -103,6 +103,8 @@ def run_generate(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("float16" if device.startswith("cuda") else "float32"))
     model = args.model or DEFAULT_MODEL
+    if args.model is None:
+        note_prompt_outside_the_grammar(args.prompt)
     pipe = Pipeline.from_pretrained(model, device=device, dtype=dtype, variant=args.variant,
                                     allow_pickle=args.allow_pickle, tokenizer=args.tokenizer,
                                     prediction_type=args.prediction_type, backend=args.backend)  # fmt: skip
@@ -126,6 +128,21 @@ def run_generate(args: argparse.Namespace) -> int:
         save_atomically(image, path)
     print(f"wrote {', '.join(paths)} ({images[0].width}x{images[0].height}, {sampler}, {steps} steps, seed {seed})")
     return 0
+
+
+def note_prompt_outside_the_grammar(prompt: str) -> None:
+    """The embedded model only knows the shapes grammar it was trained on: say so rather than surprise."""
+    from diffrt.train.shapes import parse_caption
+
+    try:
+        parse_caption(prompt)
+    except ValueError as e:
+        print(
+            f"note: the embedded default model draws captions of its shapes grammar only ({e}); e.g. "
+            '"a large red circle on the left, blue background" or "a green square above a yellow star, black '
+            'background". Pass --model for other prompts.',
+            file=sys.stderr,
+        )
 
 
 def run_samplers(args: argparse.Namespace) -> int:

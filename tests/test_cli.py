@@ -42,6 +42,14 @@ def test_readme_first_command_draws_its_prompt(tmp_path):
     assert seconds < 20, f"{seconds:.1f} s (the README promises under 10 s; 20 leaves room for a loaded CI machine)"
 
 
+def test_prompt_outside_the_default_models_grammar_gets_a_note(tmp_path, capsys):
+    assert main(["generate", "-p", "a castle at dusk", "--seed", "1", "-o", str(tmp_path / "a.png")]) == 0
+    assert "draws captions of its shapes grammar only" in capsys.readouterr().err
+    assert main(["generate", "-p", README_PROMPT, "--seed", "1", "-o", str(tmp_path / "b.png")]) == 0
+    assert "note:" not in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]
+
+
 def test_same_seed_same_file_and_batch_names(tmp_path):
     args = ["generate", "-p", "a square", "--steps", "2", "--sampler", "euler_a", "--seed", "3"]
     assert main([*args, "-o", str(tmp_path / "a.png")]) == 0
