@@ -16,15 +16,17 @@ import argparse
 import hashlib
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.environment import environment
 from diffrt import Pipeline
 from diffrt.train import judge as judge_lib
 from diffrt.train import shapes
@@ -108,13 +110,6 @@ def _sha256(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def _commit() -> str | None:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teacher", required=True, help="diffusers folder of the teacher (diffrt train export --teacher)")
@@ -132,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None, help="default: fp16 on CUDA")
     p.add_argument("--rows", type=int, default=12, help="prompts in the PNG grid")
+    p.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD)")
     p.add_argument("--json", default="adherence.json")
     p.add_argument("--grid", default="adherence.png")
     args = p.parse_args(argv)
@@ -157,6 +153,9 @@ def main(argv: list[str] | None = None) -> dict:
             f"{run['name']:16s} cfg {run['cfg']:<4g} adherence {r['adherence']:.3f} (held-out {held}) {r['images_per_second']:.1f} img/s"
         )
     teacher_name, lcm4 = sampler_runs(args)[0]["name"], "lcm-4" if "lcm-4" in results else None
+    env = {**environment(args.commit), "device": args.device, "dtype": str(dtype).removeprefix("torch.")}
+    for row in results.values():
+        row.update(env)  # every row names the GPU, versions and commit
     teacher_score = results[teacher_name]["adherence"]
     report = {
         "judge": {"file": os.path.abspath(args.judge), "sha256": _sha256(args.judge),
@@ -166,10 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
         "samplers": results,
         "lcm4_over_teacher": results[lcm4]["adherence"] / teacher_score if lcm4 and teacher_score > 0 else None,
         "models": {"teacher": os.path.abspath(args.teacher), "student": os.path.abspath(args.student)},
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
-        "dtype": str(dtype).removeprefix("torch."),
-        "commit": _commit(),
-        "torch": torch.__version__,
+        "environment": env,
     }  # fmt: skip
     for path in (args.json, args.grid):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

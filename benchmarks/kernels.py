@@ -15,7 +15,6 @@ views transposed to [B, H, S, D].
 """
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
@@ -31,6 +30,7 @@ import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.environment import environment
 from benchmarks.kernel_shapes import all_unet_shapes, all_vae_norm_shapes, long_prompt_shapes
 from diffrt.kernels import attention as attn_mod
 from diffrt.kernels import group_norm as gn_mod
@@ -301,33 +301,9 @@ def precompile(workers: int, extra: list[str]) -> None:
     print(f"precompile: {workers} workers in {time.time() - t0:.0f} s", flush=True)
 
 
-def environment(commit: str | None) -> dict:
-    try:
-        driver = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout.strip()
-    except OSError:
-        driver = "unknown"
-    if commit is None:
-        try:
-            commit = subprocess.run(
-                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False
-            ).stdout.strip()
-        except OSError:
-            commit = ""
-    props = torch.cuda.get_device_properties(0)
+def kernel_environment(commit: str | None) -> dict:
     return {
-        "gpu": torch.cuda.get_device_name(0),
-        "sm_count": props.multi_processor_count,
-        "driver": driver,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cudnn": torch.backends.cudnn.version(),
-        "commit": commit or "unknown",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **environment(commit),
         "dtype": "float16",
         "batch": 1,
         "timing": "triton.testing.do_bench(warmup=10 ms, rep=60 ms), L2 flushed before each repetition",
@@ -361,7 +337,7 @@ def main() -> None:
         print(msg, flush=True)
         lines.append(msg)
 
-    env = environment(args.commit)
+    env = kernel_environment(args.commit)
     copy_gbps = copy_bandwidth_gbps()
     log(f"{env['gpu']} driver {env['driver']} torch {env['torch']} triton {env['triton']} commit {env['commit']}")
     log(f"device-to-device copy: {copy_gbps:.0f} GB/s (read + write)")

@@ -11,10 +11,15 @@ the larger batch trains on 4x the samples per second for the same time.
 import argparse
 import copy
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.environment import environment
 from diffrt.models.clip import CLIPTextConfig, CLIPTextModel
 from diffrt.models.unet import UNet2DConditionModel, UNetConfig
 from diffrt.models.vae import AutoencoderKL, AutoencoderKLConfig
@@ -123,16 +128,17 @@ def main() -> None:
     p.add_argument("--vae-batches", type=int, nargs="+", default=[64, 128, 256])
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--workers", type=int, default=15)
+    p.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     torch.backends.cudnn.benchmark = True
-    gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else "none (cpu)"
-    result = {"gpu": gpu, "torch": torch.__version__, "unet": [], "vae": []}
+    env = environment(args.commit)
+    result = {"environment": env, "unet": [], "vae": []}
     for b in args.unet_batches:
-        result["unet"].append(unet_step_parts(b, args.reps, args.workers))
+        result["unet"].append({**env, **unet_step_parts(b, args.reps, args.workers)})  # every row names GPU, commit
         print(json.dumps(result["unet"][-1]), flush=True)
     for b in args.vae_batches:
-        result["vae"].append(vae_step(b, args.reps, args.workers))
+        result["vae"].append({**env, **vae_step(b, args.reps, args.workers)})
         print(json.dumps(result["vae"][-1]), flush=True)
     if args.json:
         with open(args.json, "w") as f:

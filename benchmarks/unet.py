@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.kernels import bench_eager, bench_graph, environment
+from benchmarks.kernels import bench_eager, bench_graph, kernel_environment
 from diffrt.backends import use_backend
 from diffrt.models.unet import UNet2DConditionModel, UNetConfig
 from tests.parity import max_rel_error
@@ -111,7 +111,7 @@ def main() -> None:
     for r in rows:
         r["speedup_vs_diffusers_eager"] = base["median_ms"] / r["median_ms"] if base else None
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    env = {**environment(args.commit), "timing": UNET_TIMING}
+    env = {**kernel_environment(args.commit), "timing": UNET_TIMING}
     rows = [{**env, **r} for r in rows]  # every row names the GPU, versions and commit
     Path(args.out).write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
     print(f"wrote {args.out}")

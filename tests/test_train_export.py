@@ -121,7 +121,7 @@ def test_adherence_benchmark_runs_end_to_end(exported, tmp_path):
     out_json, out_png = tmp_path / "a.json", tmp_path / "a.png"
     report = bench.main(["--teacher", exported["teacher"], "--student", exported["student"], "--prompts", "4",
                          "--held-out-share", "0.5", "--teacher-steps", "2", "--judge-eval", "20", "--batch", "3",
-                         "--device", "cpu", "--json", str(out_json), "--grid", str(out_png)])  # fmt: skip
+                         "--device", "cpu", "--commit", "abc1234", "--json", str(out_json), "--grid", str(out_png)])  # fmt: skip
     assert _read_json(out_json) == json.loads(json.dumps(report))
     assert report["prompts"]["count"] == 4 and report["prompts"]["held_out"] == 2
     assert list(report["samplers"]) == ["teacher ddim-2", "lcm-1", "lcm-2", "lcm-4"]
@@ -129,6 +129,7 @@ def test_adherence_benchmark_runs_end_to_end(exported, tmp_path):
         assert 0 <= r["adherence"] <= 1 and set(r["per_head"]) == {"layout", "size", "color1", "shape1", "color2",
                                                                     "shape2", "background"}  # fmt: skip
         assert r["adherence_held_out"] is not None and r["images_per_second"] > 0
+        assert r["gpu"] == "none (cpu)" and r["torch"] == torch.__version__ and r["commit"] == "abc1234"
     assert 0.9 <= report["judge"]["accuracy_all"] <= 1
     grid = Image.open(out_png)
     assert grid.height == 16 + 4 * 2 * 64 and np.asarray(grid).std() > 0  # rows of 2x reference-sized tiles

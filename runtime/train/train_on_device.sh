@@ -9,7 +9,8 @@
 # Phases b and c start from the previous phase's parts copied to $PARTS (default .carry/) unless the run folder is
 # still there (a warm machine). Step counts and settings are the recipe's defaults (diffrt.train.recipes.STAGES);
 # --max-minutes only guards the call's limit: a stage stopped by it resumes when its phase runs again on the same
-# machine. PROFILE=1 in phase a first times the training steps (benchmarks/train_step.py).
+# machine. PROFILE=1 in phase a first times the training steps (benchmarks/train_step.py). COMMIT=<sha> is recorded in
+# the result files (the device's copy of the tree may carry stale git metadata).
 set -euo pipefail
 PHASE=$1
 OUT=${OUT:-/tmp/out}; RUN=${RUN:-train_run}; PARTS=${PARTS:-.carry}; PRESET=${PRESET:-default}
@@ -27,7 +28,8 @@ unpack() { mkdir -p "$RUN" && cat "$PARTS"/run_"$1".tgz.part-* | tar xzf - -C "$
 case $PHASE in
 a)
   if [ "${PROFILE:-0}" = 1 ]; then
-    python3 benchmarks/train_step.py --unet-batches 256 1024 --vae-batches 64 256 --reps 10 --json "$OUT/train_step.json"
+    python3 benchmarks/train_step.py --unet-batches 256 1024 --vae-batches 64 256 --reps 10 --commit "${COMMIT:-}" \
+      --json "$OUT/train_step.json"
   fi
   train vae "$RUN" --preset "$PRESET" --max-minutes 7 ${VAE_STEPS:+--steps "$VAE_STEPS"}
   train text "$RUN" --max-minutes 1.5 ${TEXT_STEPS:+--steps "$TEXT_STEPS"}
@@ -44,7 +46,7 @@ c)
   train export "$RUN" "$RUN/student" --max-mb 30
   train export "$RUN" "$RUN/teacher" --teacher
   python3 benchmarks/adherence.py --teacher "$RUN/teacher" --student "$RUN/student" --prompts "${PROMPTS:-500}" \
-    --json "$OUT/adherence.json" --grid "$OUT/adherence.png"
+    --commit "${COMMIT:-}" --json "$OUT/adherence.json" --grid "$OUT/adherence.png"
   pack --exclude='ckpt-*' student lcm/state.json
   ;;
 *) echo "phase a, b or c" >&2; exit 2 ;;

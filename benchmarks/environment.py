@@ -1,0 +1,38 @@
+"""What every benchmark result row names: the GPU (or that there was none), driver, library versions, commit, date.
+
+The commit comes from `--commit` where given: a device machine's copy of the tree may carry stale git metadata (it
+once named the previous commit), so device calls pass the commit they run explicitly.
+"""
+
+import datetime
+import subprocess
+
+import torch
+
+
+def _command_output(cmd: list[str]) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, check=False).stdout.strip()
+    except OSError:
+        return ""
+
+
+def environment(commit: str | None = None) -> dict:
+    cuda = torch.cuda.is_available()
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    driver = _command_output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) if cuda else ""
+    return {
+        "gpu": torch.cuda.get_device_name(0) if cuda else "none (cpu)",
+        "sm_count": torch.cuda.get_device_properties(0).multi_processor_count if cuda else None,
+        "driver": driver or None,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cudnn": torch.backends.cudnn.version() if cuda else None,
+        "commit": commit or _command_output(["git", "rev-parse", "HEAD"]) or "unknown",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
