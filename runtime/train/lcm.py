@@ -24,10 +24,10 @@ from diffrt.models.unet import UNet2DConditionModel, UNetConfig
 from diffrt.schedules import SchedulerConfig, alphas_cumprod
 from diffrt.tokenizer import CLIPTokenizer
 from diffrt.train import checkpoint as ck
-from diffrt.train.data import CaptionIds, StepBatches, batches, to_model_input
+from diffrt.train.data import CaptionIds
 from diffrt.train.export import read_component, save_component
-from diffrt.train.recipes import LCM_TIME_COND_DIM, NOISE_SCHEDULE, StageSettings, read_run
-from diffrt.train.unet import frozen, noised
+from diffrt.train.recipes import LCM_TIME_COND_DIM, NOISE_SCHEDULE, StageSettings
+from diffrt.train.unet import frozen, latent_batches, noised
 
 
 def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
@@ -70,7 +70,6 @@ def student_unet(teacher: UNet2DConditionModel, config: dict) -> tuple[UNet2DCon
 
 
 def train_lcm(run: str, s: StageSettings, device="cpu", workers=0, max_seconds=None, log=print, **kw) -> dict:
-    arch = read_run(run)
     x = s.extra
     vae = frozen(load_model(os.path.join(ck.finished_stage(run, "vae"), "model")), device)
     unet_dir = ck.finished_stage(run, "unet")
@@ -88,16 +87,12 @@ def train_lcm(run: str, s: StageSettings, device="cpu", workers=0, max_seconds=N
     with torch.no_grad():
         uncond = text(caption_ids([""]).to(device)).last_hidden_state
     folder = os.path.join(run, "lcm")
-    state = ck.read_state(folder)
-    data = batches(StepBatches(s.seed, s.batch, arch.image_size), state["step"] if state else 0, s.steps, workers)
-    scaling = vae.config.scaling_factor
+    latents = latent_batches(run, "lcm", s, vae, device, workers)
 
     def step(i: int) -> dict:
-        images, captions, _ = next(data)
-        gen = ck.step_generator(s.seed, i, device)
+        z, captions, gen = latents(i)
         n = len(captions)
         with torch.no_grad(), ck.autocast(device, s.precision):
-            z = vae.encode(to_model_input(images, device)).sample(gen).float() * scaling
             cond = text(caption_ids(captions).to(device, non_blocking=True)).last_hidden_state
         index = torch.randint(0, len(starts), (n,), generator=gen, device=device)
         t_start, t_prev = starts[index], prevs[index]

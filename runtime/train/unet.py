@@ -43,6 +43,24 @@ def noised(z: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, ac: torch.Tens
     return a.sqrt() * z + (1 - a).sqrt() * noise
 
 
+def latent_batches(run: str, stage: str, s: StageSettings, vae: torch.nn.Module, device, workers: int):
+    """Step i's batch as (latents of the frozen VAE, a posterior sample times its scaling factor; captions; the step's
+    generator, which drew that sample), starting at the stage's saved step so that a resumed run sees the same."""
+    state = ck.read_state(os.path.join(run, stage))
+    data = batches(StepBatches(s.seed, s.batch, read_run(run).image_size), state["step"] if state else 0, s.steps,
+                   workers)  # fmt: skip
+    scaling = vae.config.scaling_factor
+
+    def batch(i: int) -> tuple[torch.Tensor, list[str], torch.Generator]:
+        images, captions, _ = next(data)
+        gen = ck.step_generator(s.seed, i, device)
+        with torch.no_grad(), ck.autocast(device, s.precision):
+            z = vae.encode(to_model_input(images, device)).sample(gen).float() * scaling
+        return z, captions, gen
+
+    return batch
+
+
 def diffusion_loss(
     unet: torch.nn.Module,
     z: torch.Tensor,
@@ -73,15 +91,10 @@ def train_unet(run: str, s: StageSettings, device="cpu", workers=0, max_seconds=
     opt = ck.adamw(groups, device)
     modules = {"unet": unet, "text_encoder": text, "unet_ema": unet_ema, "text_encoder_ema": text_ema}
     folder = os.path.join(run, "unet")
-    state = ck.read_state(folder)
-    data = batches(StepBatches(s.seed, s.batch, arch.image_size), state["step"] if state else 0, s.steps, workers)
-    scaling = vae.config.scaling_factor
+    latents = latent_batches(run, "unet", s, vae, device, workers)
 
     def step(i: int) -> dict:
-        images, captions, _ = next(data)
-        gen = ck.step_generator(s.seed, i, device)
-        with torch.no_grad(), ck.autocast(device, s.precision):
-            z = vae.encode(to_model_input(images, device)).sample(gen).float() * scaling
+        z, captions, gen = latents(i)
         dropped = drop_captions(captions, s.extra["caption_dropout"], ck.step_generator(s.seed, i, stream=1))
         ids = caption_ids(dropped).to(device, non_blocking=True)
         with ck.autocast(device, s.precision):
