@@ -62,8 +62,15 @@ def generate(pipe: Pipeline, prompt_list: list[dict], run: dict, batch: int, see
         gen = torch.Generator(pipe.device)
         noise = torch.stack([torch.randn(_latent_shape(pipe), generator=gen.manual_seed(seed + lo + i),
                                          device=pipe.device) for i in range(len(chunk))])  # fmt: skip
-        out = pipe([p["caption"] for p in chunk], sampler=run["sampler"], steps=run["steps"],
-                   guidance_scale=run["cfg"], latents=noise.to(pipe.dtype), generator=gen, output_type="np")  # fmt: skip
+        out = pipe(
+            [p["caption"] for p in chunk],
+            sampler=run["sampler"],
+            steps=run["steps"],
+            guidance_scale=run["cfg"],
+            latents=noise.to(pipe.dtype),
+            generator=gen,
+            output_type="np",
+        )
         images.append((out * 255).round().astype(np.uint8))
     return np.concatenate(images), time.perf_counter() - t0
 
@@ -77,13 +84,16 @@ def score(judge, images: np.ndarray, prompt_list: list[dict]) -> dict:
     result = judge_lib.adherence(judge, images, [p["labels"] for p in prompt_list])
     matches = np.array(result["matches"])
     held = np.array([p["held_out"] for p in prompt_list])
-    share = lambda m: float(m.mean()) if m.size else None
+
+    def share(m: np.ndarray) -> float | None:
+        return float(m.mean()) if m.size else None
+
     return {
         "adherence": result["all"],
         "adherence_in_distribution": share(matches[~held]),
         "adherence_held_out": share(matches[held]),
         "per_head": result["per_head"],
-        "failures": [p["caption"] for p, m in zip(prompt_list, matches) if not m][:20],
+        "failures": [p["caption"] for p, m in zip(prompt_list, matches, strict=True) if not m][:20],
     }
 
 
@@ -150,7 +160,8 @@ def main(argv: list[str] | None = None) -> dict:
         r = results[run["name"]]
         held = "n/a" if r["adherence_held_out"] is None else f"{r['adherence_held_out']:.3f}"
         print(
-            f"{run['name']:16s} cfg {run['cfg']:<4g} adherence {r['adherence']:.3f} (held-out {held}) {r['images_per_second']:.1f} img/s"
+            f"{run['name']:16s} cfg {run['cfg']:<4g} adherence {r['adherence']:.3f} (held-out {held}) "
+            f"{r['images_per_second']:.1f} img/s"
         )
     teacher_name, lcm4 = sampler_runs(args)[0]["name"], "lcm-4" if "lcm-4" in results else None
     env = {**environment(args.commit), "device": args.device, "dtype": str(dtype).removeprefix("torch.")}

@@ -100,7 +100,7 @@ def unet_shapes(model: str, resolution: int) -> tuple[Counter, Counter]:
     res = resolution // 8
     ch = boc[0]
     for i, kind in enumerate(cfg["down_block_types"]):
-        for j in range(cfg["layers_per_block"]):
+        for _ in range(cfg["layers_per_block"]):
             resnet(ch, boc[i], res)
             ch = boc[i]
             if kind.startswith("CrossAttn"):

@@ -18,10 +18,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.accuracy import max_rel_error
+from benchmarks.diffusers_configs import SD15, SD21, SDXL
 from benchmarks.kernels import bench_eager, bench_graph, kernel_environment
-from diffrt.backends import use_backend
+from diffrt.models.ops import TORCH_OPS, TRITON_OPS, set_ops
 from diffrt.models.unet import UNet2DConditionModel, UNetConfig
-from tests.parity import max_rel_error
 
 GFLOP = {("sd15", 512): 803, ("sd15", 1024): 4674, ("sd21", 512): 803, ("sdxl", 1024): 6761, ("sdxl", 512): 1589}
 
@@ -69,8 +70,6 @@ def main() -> None:
     if not args.no_diffusers:
         from diffusers import UNet2DConditionModel as DiffusersUNet
 
-        from tests.test_unet import SD15, SD21, SDXL  # the public diffusers configs, as literals
-
         peer = DiffusersUNet(**{"sd15": SD15, "sd21": SD21, "sdxl": SDXL}[args.preset]).eval().requires_grad_(False)
         peer.load_state_dict(ours.state_dict())
         peer = peer.cuda()
@@ -84,7 +83,7 @@ def main() -> None:
     tc = t.cuda()
 
     def record(name, fn, graph):
-        use_backend("triton" if "triton" in name else "torch")
+        set_ops(ours, TRITON_OPS if "triton" in name else TORCH_OPS)
         with torch.no_grad():
             out = fn().float()
             # A UNet forward takes tens of ms: time at least ~1 s so that the percentiles come from many repetitions.
@@ -105,7 +104,6 @@ def main() -> None:
     for backend in ("torch", "triton"):
         record(f"diffrt {backend} eager", lambda: ours(xs, tc, cs, **es), graph=False)
         record(f"diffrt {backend} cuda-graph", lambda: ours(xs, tc, cs, **es), graph=True)
-    use_backend("torch")
     print(f"diffrt rows took {time.time() - t0:.0f} s (including autotuning)")
     base = next((r for r in rows if r["name"] == "diffusers eager"), None)
     for r in rows:

@@ -88,7 +88,7 @@ def _attention_kernel(
     Q,  # [B, SQ, H, HEAD_DIM] queries, strides (stride_qb, stride_qs, stride_qh, 1)
     K,  # [B, SK, H, HEAD_DIM] keys
     V,  # [B, SK, H, HEAD_DIM] values
-    O,  # [B, SQ, H, HEAD_DIM] output
+    OUT,  # [B, SQ, H, HEAD_DIM] output
     stride_qb,  # q batch stride / STRIDE_MULT
     stride_qs,  # q sequence stride / STRIDE_MULT
     stride_qh,  # q head stride / STRIDE_MULT
@@ -126,7 +126,7 @@ def _attention_kernel(
     q_base = Q + (b * stride_qb + h * stride_qh) * STRIDE_MULT
     k_base = K + (b * stride_kb + h * stride_kh) * STRIDE_MULT
     v_base = V + (b * stride_vb + h * stride_vh) * STRIDE_MULT
-    o_base = O + (b * stride_ob + h * stride_oh) * STRIDE_MULT
+    o_base = OUT + (b * stride_ob + h * stride_oh) * STRIDE_MULT
     stride_qs = stride_qs * STRIDE_MULT
     stride_ks = stride_ks * STRIDE_MULT
     stride_vs = stride_vs * STRIDE_MULT
@@ -236,13 +236,13 @@ def _attention_kernel(
 
     inv_l = 1.0 / l_i
     o_ptrs0 = o_base + offs_m[:, None] * stride_os + d0[None, :]
-    out0 = (acc0 * inv_l[:, None]).to(O.dtype.element_ty)
+    out0 = (acc0 * inv_l[:, None]).to(OUT.dtype.element_ty)
     if EVEN_M and D0 <= HEAD_DIM:
         tl.store(o_ptrs0, out0)
     else:
         tl.store(o_ptrs0, out0, mask=q_mask0)
     if D1 > 0:
-        out1 = (acc1 * inv_l[:, None]).to(O.dtype.element_ty)
+        out1 = (acc1 * inv_l[:, None]).to(OUT.dtype.element_ty)
         tl.store(o_base + offs_m[:, None] * stride_os + d1[None, :], out1, mask=q_mask1)
 
 

@@ -16,4 +16,8 @@ def __getattr__(name: str):
         from diffrt.pipeline import Pipeline
 
         return Pipeline
+    if name == "GenerationRequest":
+        from diffrt.request import GenerationRequest
+
+        return GenerationRequest
     raise AttributeError(f"module 'diffrt' has no attribute {name!r}")

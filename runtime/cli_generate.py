@@ -9,7 +9,7 @@ import os
 import sys
 import tempfile
 
-from diffrt.validation import check_generation_args
+from diffrt.backends import BACKENDS
 
 # The embedded model (diffrt.train, issue 5): a 64x64 LCM-distilled SD-family model of procedural shapes, 23 MB.
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
@@ -40,7 +40,9 @@ def add_parser(subparsers) -> None:
                    help="override the model's (an SD2 single file does not say; v is assumed)")  # fmt: skip
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on CUDA, float32 on CPU")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--backend", choices=("torch", "triton"), default="torch", help="triton: fused kernels (CUDA)")
+    p.add_argument("--backend", choices=BACKENDS, default="torch", help="triton: fused kernels (CUDA)")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="run even when the estimated memory exceeds what the device has free")  # fmt: skip
     p.add_argument("--variant", default=None, help='weight file variant, e.g. "fp16"')
     p.add_argument("--allow-pickle", action="store_true", help="read .ckpt/.pt pickles (only from sources you trust)")
     p.add_argument("-o", "--output", required=True, help="output image path (batch > 1: NAME-0.png, NAME-1.png, ...)")
@@ -78,55 +80,65 @@ def save_atomically(image, path: str) -> None:
         raise
 
 
-def given(value, stand_in):
-    """An option's value, or `stand_in` where it was not given (then the model decides later)."""
-    return stand_in if value is None else value
+def open_init_image(path: str | None):
+    if path is None:
+        return None
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise ValueError(f"init image {path} does not exist")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"init image {path} is not an image PIL can read ({e})") from e
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    # Everything that needs no model is checked first: a bad request costs no loading time and writes nothing.
-    check_output(args.output)
-    if args.init_image is not None and not os.path.isfile(args.init_image):
-        raise ValueError(f"init image {args.init_image} does not exist")
-    check_generation_args(
-        height=given(args.height, 512), width=given(args.width, 512), steps=given(args.steps, 1),
-        sampler=given(args.sampler, "euler"), strength=args.strength if args.init_image else None,
-        batch=args.batch, prompts=[args.prompt], eta=args.eta if args.sampler else None,  # else: once it is known
-    )  # fmt: skip
-
     import torch
-    from PIL import Image
-    from tqdm import tqdm
 
-    from diffrt.pipeline import Pipeline, default_steps
+    from diffrt.assembly import open_model
+    from diffrt.backends import make_backend
+    from diffrt.request import GenerationRequest, resolve_request
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype or ("float16" if device.startswith("cuda") else "float32"))
+    # 1. What needs no model: the output path and the init image.
+    check_output(args.output)
+    init = open_init_image(args.init_image)
+    backend = make_backend(args.backend)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
+    # 2. Describe the model (configs and tokenizers; no weights are read) and check the whole request against it.
     model = args.model or DEFAULT_MODEL
+    source = open_model(model, variant=args.variant, allow_pickle=args.allow_pickle, tokenizer=args.tokenizer,
+                        prediction_type=args.prediction_type)  # fmt: skip
+    request = GenerationRequest(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+        steps=args.steps, sampler=args.sampler, guidance_scale=args.cfg, eta=args.eta, seed=args.seed,
+        batch=args.batch, image=init, strength=args.strength, clip_skip=args.clip_skip,
+        check_memory=not args.no_memory_check,
+    )  # fmt: skip
+    request = resolve_request(request, source.spec, device=device, dtype=dtype, weights_resident=False)
     if args.model is None:
         note_prompt_outside_the_grammar(args.prompt)
-    pipe = Pipeline.from_pretrained(model, device=device, dtype=dtype, variant=args.variant,
-                                    allow_pickle=args.allow_pickle, tokenizer=args.tokenizer,
-                                    prediction_type=args.prediction_type, backend=args.backend)  # fmt: skip
-    if pipe.components.is_random:
+    if source.spec.is_random:
         print(
             f"note: {model!r} is a preset with random weights: its picture is noise, not your prompt", file=sys.stderr
         )
-    init = Image.open(args.init_image) if args.init_image else None
-    seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31, ()))
-    sampler = args.sampler or pipe.default_sampler()
-    steps = given(args.steps, default_steps(sampler))
-    run_steps = int(steps * args.strength) if init is not None else steps
-    with tqdm(total=run_steps, desc=f"{sampler} steps", unit="step", file=sys.stderr) as bar:
-        images = pipe(
-            args.prompt, args.negative_prompt, height=args.height, width=args.width, steps=steps, sampler=sampler,
-            guidance_scale=args.cfg, seed=seed, batch=args.batch, image=init, strength=args.strength,
-            clip_skip=args.clip_skip, callback=lambda *_: bar.update(), eta=args.eta,
-        )  # fmt: skip
-    paths = output_paths(args.output, len(images))
-    for image, path in zip(images, paths):
+
+    # 3. Load, generate, write.
+    from tqdm import tqdm
+
+    from diffrt.pipeline import Pipeline
+
+    pipe = Pipeline.from_components(source.components(), device=device, dtype=dtype, backend=backend)
+    run_steps = int(request.steps * request.strength) if init is not None else request.steps
+    with tqdm(total=run_steps, desc=f"{request.sampler} steps", unit="step", file=sys.stderr) as bar:
+        result = pipe.generate(request, callback=lambda *_: bar.update())
+    paths = output_paths(args.output, len(result.images))
+    for image, path in zip(result.images, paths, strict=True):
         save_atomically(image, path)
-    print(f"wrote {', '.join(paths)} ({images[0].width}x{images[0].height}, {sampler}, {steps} steps, seed {seed})")
+    size = f"{result.images[0].width}x{result.images[0].height}"
+    print(f"wrote {', '.join(paths)} ({size}, {request.sampler}, {request.steps} steps, seed {result.seed})")
     return 0
 
 
@@ -146,8 +158,8 @@ def note_prompt_outside_the_grammar(prompt: str) -> None:
 
 
 def run_samplers(args: argparse.Namespace) -> int:
-    from diffrt.samplers import SAMPLERS
+    from diffrt.sampler_registry import SAMPLERS
 
-    for name, fn in SAMPLERS.items():
-        print(f"{name:16s} {(fn.__doc__ or '').strip().splitlines()[0]}")
+    for name, sampler in SAMPLERS.items():
+        print(f"{name:16s} {sampler.summary}")
     return 0

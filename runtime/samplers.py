@@ -1,13 +1,13 @@
 """Samplers as flat functions sharing one signature (k-diffusion style):
 
-    sample_x(model, x, schedule, generator=None, callback=None, **options) -> latents
+    sample_x(model, x, schedule, noise=None, callback=None, **options) -> latents
 
-`model` is a `Denoiser` (UNet output -> denoised estimate), `x` the starting state (`initial_latents` or
-`add_noise`), `schedule` a host-side plan from `make_schedule` (optionally `truncate_for_strength`). Everything
-that depends only on the step count is computed before the loop; the loop issues device work only (no `.item()`,
-no branching on tensor values), so a whole run can be captured in one CUDA graph. Fresh noise is drawn from
-`generator` in diffusers' order, so the same seed gives diffusers' result; a generator on the latents' device keeps
-the loop sync-free (a CPU generator, diffusers' cross-device convention, costs a host-to-device copy per draw).
+`model` is an `X0Predictor` prepared for `schedule` (model output -> denoised estimate at step i), `x` the starting
+state (`initial_latents` or `add_noise`), `schedule` a host-side plan (diffrt.sampler_registry's `make_schedule`,
+optionally `truncate_for_strength`). Everything that depends only on the step count is computed before the loop;
+the loop issues device work only (no `.item()`, no branching on tensor values, no host-to-device copies), so a
+whole run can be captured in one CUDA graph. Fresh noise comes from `noise` (a `NoiseSource`) in diffusers' order,
+so the same seed gives diffusers' result.
 """
 
 import math
@@ -16,43 +16,53 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from diffrt.schedules import (
-    PREDICTION_TYPES,
-    SAMPLER_NAMES,
-    Schedule,
-    SchedulerConfig,
-    make_schedule,
-    truncate_for_strength,
-)
-
-__all__ = [
-    "SAMPLERS",
-    "Denoiser",
-    "Schedule",
-    "SchedulerConfig",
-    "add_noise",
-    "initial_latents",
-    "make_schedule",
-    "truncate_for_strength",
-]
+from diffrt.schedules import PREDICTION_TYPES, Schedule, check_choice
 
 Scalings = tuple[float, float, float]  # (c_in, c_skip, c_out)
 Callback = Callable[[int, Tensor, Tensor], None]  # (step index, state after the step, denoised estimate)
+ModelOutput = Callable[[Tensor, Tensor], Tensor]  # (model input, timestep as a 0-d float32 tensor) -> raw output
+SampleFunction = Callable[..., Tensor]  # the signature above
 
 
-class Denoiser:
-    """x0 = c_skip * x + c_out * unet(c_in * x, t) for a UNet predicting eps, v or x0 (Karras et al. 2022, eq. 7)."""
+class NoiseSource:
+    """N(0, 1) draws in a fixed order. With a generator they are drawn as diffusers' `randn_tensor` draws them: on
+    the generator's device, then moved (a CPU generator reproduces diffusers' numbers on any device; one on the
+    latents' device keeps the loop sync-free). Without one, torch's default generator of the target device."""
 
-    def __init__(self, unet: Callable[[Tensor, Tensor], Tensor], prediction_type: str = "epsilon") -> None:
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(
-                f"unknown prediction_type {prediction_type!r}; choose one of: {', '.join(PREDICTION_TYPES)}"
-            )
-        self.unet = unet  # (model input, timestep as a 0-d float32 tensor) -> raw output, CFG included
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        self.generator = generator
+
+    def __call__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        source = self.generator.device if self.generator is not None else device
+        return torch.randn(shape, generator=self.generator, device=source, dtype=dtype).to(device)
+
+    def like(self, x: Tensor) -> Tensor:
+        return self(tuple(x.shape), x.dtype, x.device)
+
+
+class X0Predictor:
+    """x0 = c_skip * x + c_out * F(c_in * x, t) for a model predicting eps, v or x0 (Karras et al. 2022, eq. 7),
+    prepared for one schedule: its per-step scalings (host floats) and timesteps (on `device`) are made here, before
+    any loop, so that calling it issues device work only."""
+
+    def __init__(
+        self, model_output: ModelOutput, prediction_type: str, schedule: Schedule, device: torch.device | str = "cpu"
+    ) -> None:
+        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        self.model_output = model_output  # CFG included
         self.prediction_type = prediction_type
+        self.scalings = [
+            self._scalings(*step)
+            for step in zip(schedule.signal, schedule.noise, schedule.model_input_scale, strict=True)
+        ]
+        ts = torch.tensor(schedule.timesteps, dtype=torch.float32)
+        device = torch.device(device)
+        if device.type == "cuda":
+            ts = ts.pin_memory().to(device, non_blocking=True)
+        self.timesteps = ts.to(device)
 
-    def scalings(self, signal: float, noise: float, c_in: float) -> Scalings:
-        """Host: the scalings for a state signal*x0 + noise*eps that the UNet sees multiplied by c_in."""
+    def _scalings(self, signal: float, noise: float, c_in: float) -> Scalings:
+        """Host: the scalings for a state signal*x0 + noise*eps that the model sees multiplied by c_in."""
         if self.prediction_type == "sample":
             return c_in, 0.0, 1.0
         if self.prediction_type == "v_prediction":  # v = sqrt(a) eps - sqrt(1-a) x0 on the unit-variance input
@@ -64,9 +74,10 @@ class Denoiser:
             )
         return c_in, 1.0 / signal, -noise / signal
 
-    def __call__(self, x: Tensor, t: Tensor, scalings: Scalings) -> Tensor:
-        c_in, c_skip, c_out = scalings
-        out = self.unet(x * c_in if c_in != 1.0 else x, t).to(x.dtype)
+    def __call__(self, x: Tensor, i: int) -> Tensor:
+        """The denoised estimate at step i of the schedule."""
+        c_in, c_skip, c_out = self.scalings[i]
+        out = self.model_output(x * c_in if c_in != 1.0 else x, self.timesteps[i]).to(x.dtype)
         return out * c_out if c_skip == 0.0 else x * c_skip + out * c_out
 
 
@@ -81,58 +92,56 @@ def add_noise(latents: Tensor, noise: Tensor, schedule: Schedule) -> Tensor:
 
 
 def sample_euler(
-    model: Denoiser,
+    model: X0Predictor,
     x: Tensor,
     schedule: Schedule,
-    generator: torch.Generator | None = None,
+    noise: NoiseSource | None = None,
     callback: Callback | None = None,
 ) -> Tensor:
     """Euler's method on the probability-flow ODE in sigma (Karras et al. 2022, Alg. 2 without churn)."""
-    ts, sc = _prepare(model, x, schedule)
     s = schedule.sigmas
-    for i in range(len(ts)):
-        denoised = model(x, ts[i], sc[i])
+    for i in range(len(schedule.timesteps)):
+        denoised = model(x, i)
         x = x + (x - denoised) / s[i] * (s[i + 1] - s[i])
         _report(callback, i, x, denoised)
     return x
 
 
 def sample_euler_ancestral(
-    model: Denoiser,
+    model: X0Predictor,
     x: Tensor,
     schedule: Schedule,
-    generator: torch.Generator | None = None,
+    noise: NoiseSource | None = None,
     callback: Callback | None = None,
 ) -> Tensor:
     """Euler ancestral: an Euler step down to sigma_down, then fresh noise up to sigma_next (k-diffusion, eta=1)."""
-    ts, sc = _prepare(model, x, schedule)
     s = schedule.sigmas
     # In float32 as diffusers: at zero-SNR's sigma = 4096 the step cancels ~3 digits, so rounding must agree.
     s32 = torch.tensor(s, dtype=torch.float32)
     up = torch.minimum((s32[1:] ** 2 * (s32[:-1] ** 2 - s32[1:] ** 2) / s32[:-1] ** 2) ** 0.5, s32[1:])
     down = ((s32[1:] ** 2 - up**2) ** 0.5).tolist()
     up = up.tolist()
-    for i in range(len(ts)):
-        denoised = model(x, ts[i], sc[i])
+    for i in range(len(schedule.timesteps)):
+        denoised = model(x, i)
         x = x + (x - denoised) / s[i] * (down[i] - s[i])
         if s[i + 1] > 0:  # diffusers also draws (and multiplies by 0) after the last step; the result is the same
-            x = x + _randn_like(x, generator) * up[i]
+            x = x + _fresh(noise, x) * up[i]
         _report(callback, i, x, denoised)
     return x
 
 
 def sample_ddim(
-    model: Denoiser,
+    model: X0Predictor,
     x: Tensor,
     schedule: Schedule,
-    generator: torch.Generator | None = None,
+    noise: NoiseSource | None = None,
     callback: Callback | None = None,
     *,
     eta: float = 0.0,
 ) -> Tensor:
     """DDIM (Song et al. 2021, eq. 12); eta > 0 adds fresh noise each step. Steps land on t - T // steps as diffusers'
     DDIMScheduler does, even where the spacing puts the next timestep elsewhere (linspace/trailing, uneven counts)."""
-    ts, sc = _prepare(model, x, schedule)
+    check_eta(eta)
     ac = schedule.alphas_cumprod
     stride = len(ac) // schedule.num_inference_steps
     plan = []
@@ -142,25 +151,24 @@ def sample_ddim(
         std = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
         plan.append((math.sqrt(a), math.sqrt(1 - a), math.sqrt(a_prev), math.sqrt(1 - a_prev - std * std), std))
     for i, (sa, sb, sa_prev, c_eps, std) in enumerate(plan):
-        denoised = model(x, ts[i], sc[i])
+        denoised = model(x, i)
         eps = (x - denoised * sa) / sb
         denoised = _clip(denoised, schedule.clip_sample_range)
         x = denoised * sa_prev + eps * c_eps
         if eta > 0:
-            x = x + _randn_like(x, generator) * std
+            x = x + _fresh(noise, x) * std
         _report(callback, i, x, denoised)
     return x
 
 
 def sample_lcm(
-    model: Denoiser,
+    model: X0Predictor,
     x: Tensor,
     schedule: Schedule,
-    generator: torch.Generator | None = None,
+    noise: NoiseSource | None = None,
     callback: Callback | None = None,
 ) -> Tensor:
     """Latent Consistency Model multistep sampling (Luo et al. 2023, Alg. 3): consistency estimate, then re-noise."""
-    ts, sc = _prepare(model, x, schedule)
     ac, n = schedule.alphas_cumprod, len(schedule.timesteps)
     plan = []
     for i, t in enumerate(schedule.timesteps):
@@ -170,27 +178,25 @@ def sample_lcm(
         a_next = ac[int(schedule.timesteps[i + 1])] if i + 1 < n else 1.0
         plan.append((c_skip, c_out, math.sqrt(a_next), math.sqrt(1 - a_next)))
     for i, (c_skip, c_out, sa_next, sb_next) in enumerate(plan):
-        x0 = _clip(model(x, ts[i], sc[i]), schedule.clip_sample_range)
+        x0 = _clip(model(x, i), schedule.clip_sample_range)
         denoised = x0 * c_out + x * c_skip
-        x = denoised * sa_next + _randn_like(x, generator) * sb_next if i + 1 < n else denoised
+        x = denoised * sa_next + _fresh(noise, x) * sb_next if i + 1 < n else denoised
         _report(callback, i, x, denoised)
     return x
 
 
 def sample_tcd(
-    model: Denoiser,
+    model: X0Predictor,
     x: Tensor,
     schedule: Schedule,
-    generator: torch.Generator | None = None,
+    noise: NoiseSource | None = None,
     callback: Callback | None = None,
     *,
     eta: float = 0.3,
 ) -> Tensor:
     """Trajectory Consistency Distillation's strategic stochastic sampling (Zheng et al. 2024, eq. 14); eta is its
     gamma: each step goes to s = floor((1 - eta) * t_next) and is re-noised up to t_next (0: deterministic)."""
-    if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"TCD eta (gamma) {eta} must be in [0, 1]")
-    ts, sc = _prepare(model, x, schedule)
+    check_eta(eta)
     ac, n = schedule.alphas_cumprod, len(schedule.timesteps)
     plan = []
     for i, t in enumerate(schedule.timesteps):
@@ -199,24 +205,23 @@ def sample_tcd(
         a, a_next, a_s = ac[int(t)], ac[t_next], ac[s]
         plan.append((math.sqrt(a), math.sqrt(1 - a), math.sqrt(a_s), math.sqrt(1 - a_s), a_next / a_s))
     for i, (sa, sb, sa_s, sb_s, ratio) in enumerate(plan):
-        denoised = model(x, ts[i], sc[i])
+        denoised = model(x, i)
         eps = (x - denoised * sa) / sb
         x = denoised * sa_s + eps * sb_s
         if eta > 0 and i + 1 < n:
-            x = x * math.sqrt(ratio) + _randn_like(x, generator) * math.sqrt(1 - ratio)
+            x = x * math.sqrt(ratio) + _fresh(noise, x) * math.sqrt(1 - ratio)
         _report(callback, i, x, denoised)
     return x
 
 
 def sample_dpmpp_2m(
-    model: Denoiser,
+    model: X0Predictor,
     x: Tensor,
     schedule: Schedule,
-    generator: torch.Generator | None = None,
+    noise: NoiseSource | None = None,
     callback: Callback | None = None,
 ) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), first order on the first and last steps as diffusers does."""
-    ts, sc = _prepare(model, x, schedule)
     s, n = schedule.sigmas, len(schedule.timesteps)
     plan = []
     for i in range(n):
@@ -231,40 +236,21 @@ def sample_dpmpp_2m(
         plan.append((a, b, c))
     previous = None
     for i, (a, b, c) in enumerate(plan):
-        denoised = model(x, ts[i], sc[i])
+        denoised = model(x, i)
         x = x * a + denoised * b if c == 0.0 else x * a + denoised * b + (denoised - previous) * c
         previous = denoised
         _report(callback, i, x, denoised)
     return x
 
 
-Sampler = Callable[..., Tensor]
-SAMPLERS: dict[str, Sampler] = {
-    "lcm": sample_lcm,
-    "tcd": sample_tcd,
-    "euler": sample_euler,
-    "euler_a": sample_euler_ancestral,
-    "turbo": sample_euler_ancestral,  # one step from t=999 (trailing) as SD-Turbo / SDXL-Turbo are run
-    "ddim": sample_ddim,
-    "dpmpp_2m": sample_dpmpp_2m,  # Karras sigmas when the config's use_karras_sigmas is set
-    "dpmpp_2m_karras": sample_dpmpp_2m,
-}
-assert tuple(SAMPLERS) == SAMPLER_NAMES
+def check_eta(eta: float) -> None:
+    """The one check of eta, for DDIM's stochastic share and TCD's gamma alike."""
+    if not (isinstance(eta, (int, float)) and 0.0 <= eta <= 1.0):
+        raise ValueError(f"eta {eta} must be in [0, 1] (0: deterministic)")
 
 
-def _prepare(model: Denoiser, x: Tensor, schedule: Schedule) -> tuple[Tensor, list[Scalings]]:
-    """Host, before the loop: the denoiser's per-step scalings and the timesteps, copied to x's device once."""
-    scalings = [model.scalings(*step) for step in zip(schedule.signal, schedule.noise, schedule.model_input_scale)]
-    ts = torch.tensor(schedule.timesteps, dtype=torch.float32)
-    if x.device.type == "cuda":
-        ts = ts.pin_memory().to(x.device, non_blocking=True)
-    return ts.to(x.device), scalings
-
-
-def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    """N(0, 1) like x, drawn as diffusers' `randn_tensor` draws it: on the generator's device, then moved."""
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+def _fresh(noise: NoiseSource | None, x: Tensor) -> Tensor:
+    return (noise or NoiseSource()).like(x)
 
 
 def _clip(x0: Tensor, limit: float | None) -> Tensor:

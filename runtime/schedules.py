@@ -1,7 +1,7 @@
 """Noise schedules and per-step plans from diffusers-style `scheduler_config.json` fields, computed on the host.
 
-Everything here depends only on the config, the sampler and the step count. Values are computed with the same
-float32 numpy/torch operations diffusers uses, so timesteps and sigmas equal diffusers' schedulers exactly
+Everything here depends only on the config, the sampler's timestep rule and the step count. Values are computed
+with the same float32 numpy/torch operations diffusers uses, so timesteps and sigmas equal diffusers' schedulers exactly
 (tests/test_samplers.py). The device loop lives in diffrt.samplers.
 """
 
@@ -15,19 +15,18 @@ BETA_SCHEDULES = ("scaled_linear", "linear", "squaredcos_cap_v2")
 SPACINGS = ("leading", "linspace", "trailing")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
-# How each sampler builds its timesteps, and the spacing diffusers' scheduler class defaults to when a config has
-# no `timestep_spacing` (the SD 1.x config has none: DDIMScheduler.from_config gives "leading", Euler "linspace").
-_PLANS = {  # name: (timestep rule, default spacing, forced overrides)
-    "lcm": ("lcm", "leading", {}),
-    "tcd": ("lcm", "leading", {}),
-    "euler": ("sigma", "linspace", {}),
-    "euler_a": ("sigma", "linspace", {"use_karras_sigmas": False}),  # diffusers' EulerAncestral has no Karras option
-    "turbo": ("sigma", "trailing", {"timestep_spacing": "trailing", "use_karras_sigmas": False}),
-    "ddim": ("ddim", "leading", {}),
-    "dpmpp_2m": ("dpm", "linspace", {}),
-    "dpmpp_2m_karras": ("dpm", "linspace", {"use_karras_sigmas": True}),
-}
-SAMPLER_NAMES = tuple(_PLANS)
+
+@dataclass(frozen=True)
+class TimestepRule:
+    """How a sampler's diffusers scheduler places its timesteps (diffrt.sampler_registry holds one per sampler)."""
+
+    kind: str  # "lcm" (LCM/TCD picks), "ddim", "sigma" (Euler family), "dpm" (DPM-Solver)
+    # The spacing diffusers' scheduler class defaults to when a config has no `timestep_spacing` (the SD 1.x config
+    # has none: DDIMScheduler.from_config gives "leading", Euler "linspace").
+    default_spacing: str
+    overrides: tuple[tuple[str, object], ...] = ()  # config fields the sampler forces, as (name, value) pairs
+    end: str = "next"  # "lcm"/"ddim" kinds: where the last step lands: "denoised" (LCM), "t0" (TCD), "next" (DDIM)
+
 
 # Known diffusers keys whose non-default values would change the results in ways diffrt does not implement.
 _UNSUPPORTED = {
@@ -46,7 +45,7 @@ _UNSUPPORTED = {
 
 @dataclass
 class SchedulerConfig:
-    """The diffusers scheduler fields diffrt honours. Defaults are Stable Diffusion's (not diffusers' per-class ones)."""
+    """The diffusers scheduler fields diffrt honours; defaults are Stable Diffusion's, not diffusers' per-class ones."""
 
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085
@@ -54,7 +53,7 @@ class SchedulerConfig:
     beta_schedule: str = "scaled_linear"
     trained_betas: list[float] | None = None
     prediction_type: str = "epsilon"
-    timestep_spacing: str | None = None  # None: the sampler's diffusers class default (see _PLANS)
+    timestep_spacing: str | None = None  # None: the sampler's diffusers class default (TimestepRule)
     steps_offset: int = 0
     rescale_betas_zero_snr: bool = False
     set_alpha_to_one: bool = True  # DDIM only: the level after the last step is a=1 (else alphas_cumprod[0])
@@ -65,10 +64,10 @@ class SchedulerConfig:
     clip_sample_range: float = 1.0
 
     def __post_init__(self) -> None:
-        _check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
-        _check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         if self.timestep_spacing is not None:
-            _check_choice("timestep_spacing", self.timestep_spacing, SPACINGS)
+            check_choice("timestep_spacing", self.timestep_spacing, SPACINGS)
         if self.num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps {self.num_train_timesteps} must be >= 1")
         if not 1 <= self.original_inference_steps <= self.num_train_timesteps:
@@ -111,13 +110,11 @@ class Schedule:
     clip_sample_range: float | None
 
 
-def make_schedule(config: SchedulerConfig, sampler: str, steps: int) -> Schedule:
+def make_schedule(config: SchedulerConfig, sampler: str, rule: TimestepRule, steps: int) -> Schedule:
     """The plan diffusers' matching scheduler makes with `set_timesteps(steps)` for this config."""
-    _check_choice("sampler", sampler, SAMPLER_NAMES)
-    rule, default_spacing, overrides = _PLANS[sampler]
-    cfg = replace(config, **overrides)
+    cfg = replace(config, **dict(rule.overrides))
     if cfg.timestep_spacing is None:
-        cfg = replace(cfg, timestep_spacing=default_spacing)
+        cfg = replace(cfg, timestep_spacing=rule.default_spacing)
     if not isinstance(steps, int) or not 1 <= steps <= cfg.num_train_timesteps:
         raise ValueError(f"steps {steps!r} must be an integer in [1, {cfg.num_train_timesteps}]")
     ac = alphas_cumprod(cfg)
@@ -130,12 +127,12 @@ def make_schedule(config: SchedulerConfig, sampler: str, steps: int) -> Schedule
         "timestep_scaling": float(cfg.timestep_scaling),
         "clip_sample_range": float(cfg.clip_sample_range) if cfg.clip_sample else None,
     }
-    if rule in ("lcm", "ddim"):
-        ts = _lcm_timesteps(cfg, steps) if rule == "lcm" else _ddim_timesteps(cfg, steps)
+    if rule.kind in ("lcm", "ddim"):
+        ts = _lcm_timesteps(cfg, steps) if rule.kind == "lcm" else _ddim_timesteps(cfg, steps)
         a = [float(ac[t]) for t in ts]
-        if sampler == "lcm":
+        if rule.end == "denoised":
             a_end = 1.0  # LCM returns its denoised estimate
-        elif sampler == "tcd":
+        elif rule.end == "t0":
             a_end = float(ac[0])  # TCD's last step lands on t = 0
         else:
             t_prev = int(ts[-1]) - cfg.num_train_timesteps // steps
@@ -153,9 +150,12 @@ def make_schedule(config: SchedulerConfig, sampler: str, steps: int) -> Schedule
         ac = ac.clone()
         ac[-1] = 2**-24  # as diffusers' sigma-based schedulers: keeps the top sigma finite (4096)
     train_sigmas = (((1 - ac) / ac) ** 0.5).numpy()
-    ts, sigmas = _sigma_timesteps(cfg, steps, train_sigmas) if rule == "sigma" else _dpm_timesteps(cfg, steps, ac)
+    if rule.kind == "sigma":
+        ts, sigmas = _sigma_timesteps(cfg, steps, train_sigmas)
+    else:
+        ts, sigmas = _dpm_timesteps(cfg, steps, ac)
     s = [float(x) for x in sigmas[:-1]]
-    if rule == "sigma":  # Euler family: the state is x0 + sigma * eps; the UNet sees it / sqrt(sigma^2 + 1)
+    if rule.kind == "sigma":  # Euler family: the state is x0 + sigma * eps; the UNet sees it / sqrt(sigma^2 + 1)
         top = torch.from_numpy(sigmas).max()
         init = top if cfg.timestep_spacing in ("linspace", "trailing") else (top**2 + 1) ** 0.5
         signal, noise = [1.0] * len(s), s
@@ -179,15 +179,8 @@ def make_schedule(config: SchedulerConfig, sampler: str, steps: int) -> Schedule
 def truncate_for_strength(schedule: Schedule, strength: float) -> Schedule:
     """img2img: keep the last int(n * strength) steps, as diffusers' img2img pipelines' `get_timesteps`."""
     n = len(schedule.timesteps)
-    if not 0.0 < strength <= 1.0:
-        raise ValueError(f"strength {strength} must be in (0, 1]")
-    kept = min(int(n * strength), n)
-    if kept < 1:
-        raise ValueError(
-            f"strength {strength} with {n} steps leaves int({n} * {strength}) = 0 steps to run; "
-            f"use strength >= {math.ceil(100 / n) / 100:g} or at least {math.ceil(1 / strength)} steps"
-        )
-    start = n - kept
+    check_strength(strength, n)
+    start = n - min(int(n * strength), n)
     return replace(
         schedule,
         timesteps=schedule.timesteps[start:],
@@ -297,10 +290,21 @@ def _sigma_to_t(sigma: float, log_sigmas: np.ndarray) -> np.ndarray:
     return ((1 - w) * low + w * (low + 1)).reshape(np.shape(sigma))
 
 
+def check_strength(strength: float, steps: int) -> None:
+    """The one check of an img2img strength: in (0, 1], and leaving at least one of `steps` to run."""
+    if not (isinstance(strength, (int, float)) and 0.0 < strength <= 1.0):
+        raise ValueError(f"strength {strength} must be in (0, 1] (1 replaces the image entirely)")
+    if int(steps * strength) < 1:  # img2img runs the last int(steps * strength) steps, as diffusers
+        raise ValueError(
+            f"strength {strength} with {steps} steps runs int({steps} * {strength}) = 0 steps; "
+            f"raise strength to >= {math.ceil(100 / steps) / 100:g} or steps to >= {math.ceil(1 / strength)}"
+        )
+
+
 def _vp_sigma(a: float) -> float:
     return math.inf if a == 0.0 else math.sqrt((1.0 - a) / a)
 
 
-def _check_choice(what: str, value: object, allowed: tuple[str, ...]) -> None:
+def check_choice(what: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"unknown {what} {value!r}; choose one of: {', '.join(allowed)}")

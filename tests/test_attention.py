@@ -8,7 +8,7 @@ from benchmarks.kernel_shapes import all_unet_shapes, long_prompt_shapes
 from diffrt.kernels import attention as attn_mod
 from diffrt.kernels._autotune import make_early_prune
 from diffrt.kernels.attention import attention, attention_reference
-from tests.kernel_checks import TOLERANCES, check_output, device, poisoned_like
+from tests.helpers.kernel_checks import TOLERANCES, check_output, device, poisoned_like
 
 DTYPES = [
     pytest.param(dt, *TOLERANCES[dt], id=str(dt).removeprefix("torch.")) for dt in (torch.float16, torch.bfloat16)

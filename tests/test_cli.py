@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from diffrt.cli import main
-from diffrt.samplers import SAMPLERS
+from diffrt.sampler_registry import SAMPLERS
 
 README_PROMPT = "a yellow star above a blue circle, purple background"
 

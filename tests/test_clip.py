@@ -5,49 +5,16 @@ every parameter matters), saved with save_pretrained, and read back into ours th
 safetensors file, the way a diffusers text_encoder folder is loaded.
 """
 
-import json
-from dataclasses import asdict, replace
-from pathlib import Path
+from dataclasses import replace
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from diffrt.models.clip import PRESETS, CLIPTextConfig, CLIPTextModel
-from tests.parity import assert_parity
+from tests.helpers.clip_models import load_ours, save_reference
+from tests.helpers.parity import assert_parity
 
 TINY = ["tiny-clip-l", "tiny-openclip-h", "tiny-openclip-bigg"]
-
-
-def save_reference(config: CLIPTextConfig, folder: Path, seed: int = 0):
-    """A transformers text encoder of this config with random weights, saved to `folder`; returns the model."""
-    from transformers import CLIPTextConfig as ReferenceConfig
-    from transformers import CLIPTextModel as Reference
-    from transformers import CLIPTextModelWithProjection as ReferenceWithProjection
-
-    fields = asdict(config)
-    projection_dim = fields.pop("projection_dim")
-    cls = ReferenceWithProjection if projection_dim else Reference
-    torch.manual_seed(seed)
-    model = cls(ReferenceConfig(**fields, projection_dim=projection_dim or config.hidden_size)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith(".bias"):
-                p.add_(0.1 * torch.randn_like(p))
-    model.save_pretrained(str(folder))
-    return model
-
-
-def load_ours(folder: Path) -> CLIPTextModel:
-    config = CLIPTextConfig.from_transformers(json.loads((folder / "config.json").read_text()))
-    state_dict = load_file(folder / "model.safetensors")
-    # transformers 5 saves CLIPTextModel without its `text_model.` level (WithProjection and every earlier file keep
-    # it); diffrt's loader adds it back, as here.
-    state_dict = {k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k: v
-                  for k, v in state_dict.items()}  # fmt: skip
-    model = CLIPTextModel(config).eval()
-    model.load_state_dict(state_dict)  # strict: every key and shape must match
-    return model
 
 
 def token_ids(config: CLIPTextConfig, batch: int, seed: int = 0) -> torch.Tensor:
@@ -129,9 +96,20 @@ def test_pooling_rule_legacy_eos_id_ties(tmp_path):
 
 # Published text encoder configs: SD1.x/SDXL text_encoder (CLIP-L) and SDXL text_encoder_2 as shipped in
 # stabilityai/stable-diffusion-xl-base-1.0; SD2.x's text_encoder (stabilityai/stable-diffusion-2-1).
-_COMMON = {"attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0, "eos_token_id": 2, "initializer_factor": 1.0,
-           "initializer_range": 0.02, "layer_norm_eps": 1e-05, "max_position_embeddings": 77,
-           "model_type": "clip_text_model", "pad_token_id": 1, "torch_dtype": "float16", "vocab_size": 49408}  # fmt: skip
+_COMMON = {
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "dropout": 0.0,
+    "eos_token_id": 2,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "model_type": "clip_text_model",
+    "pad_token_id": 1,
+    "torch_dtype": "float16",
+    "vocab_size": 49408,
+}
 PUBLISHED = {
     "clip-l": {**_COMMON, "architectures": ["CLIPTextModel"], "hidden_act": "quick_gelu", "hidden_size": 768,
                "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12, "projection_dim": 768},

@@ -15,7 +15,7 @@ import diffrt
 from diffrt.cli_generate import DEFAULT_MODEL
 from diffrt.train import judge as judge_lib
 from diffrt.train import shapes
-from tests.parity import assert_parity
+from tests.helpers.parity import assert_parity
 
 PROMPT_SEED_START = 3 * 10**9  # seeds that neither training nor benchmarks/adherence.py (2 * 10**9 ...) draws
 TRAIN_README = os.path.join(os.path.dirname(diffrt.train.__file__), "README.md")
@@ -36,7 +36,7 @@ def test_default_model_follows_prompts(pipe):
     result = judge_lib.adherence(judge_lib.load_judge(), (images * 255).round().astype(np.uint8),
                                  [p.labels for p in prompts])  # fmt: skip
     matches = np.array(result["matches"])
-    failures = [p.caption for p, m in zip(prompts, matches) if not m]
+    failures = [p.caption for p, m in zip(prompts, matches, strict=True) if not m]
     assert matches.mean() >= 46 / 48, f"adherence {matches.mean():.3f}; failed: {failures}"
     assert matches[::4].mean() >= 11 / 12, f"held-out pairs: {matches[::4].mean():.3f}; failed: {failures}"
 

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffrt.cli import main
-from tests.loading_fixtures import make_pipeline, write_single_file
+from tests.helpers.loading_fixtures import make_pipeline, write_single_file
 
 
 @pytest.fixture(scope="module")

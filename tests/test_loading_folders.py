@@ -16,8 +16,8 @@ from diffrt.loading import CheckpointError, load_model, read_checkpoint_componen
 from diffrt.models.clip import CLIPTextModel
 from diffrt.models.taesd import AutoencoderTiny
 from diffrt.models.vae import AutoencoderKL
-from tests.loading_fixtures import CLIP_L, VAE
-from tests.parity import assert_parity
+from tests.helpers.loading_fixtures import CLIP_L, VAE
+from tests.helpers.parity import assert_parity
 
 VAE_FILE = "diffusion_pytorch_model.safetensors"
 

@@ -3,46 +3,43 @@ asked for it: a server that loads a model while another thread builds modules mu
 
 import threading
 
-import pytest
 import torch
 from torch import nn
 
-from diffrt.loading.build import parameters_on_meta
+from diffrt.loading import build, build_module
+from diffrt.models.unet import UNet2DConditionModel, UNetConfig
+from tests.helpers.loading_fixtures import UNETS
 
 REGISTER_PARAMETER = nn.Module.register_parameter  # torch's own
 
 
-def test_parameters_on_meta_only_in_its_thread():
-    inside, built_outside, other = threading.Event(), threading.Event(), {}
+def test_loading_builds_on_meta_only_in_its_thread(monkeypatch):
+    """The loader thread is held inside its meta-device block while the other thread builds a module."""
+    config = UNETS["sd1"]
+    state_dict = UNet2DConditionModel(UNetConfig.from_diffusers(config)).state_dict()
+    inside, built_outside, out = threading.Event(), threading.Event(), {}
+    match = build.match_state_dict
+
+    def held_match(module, sd, source):
+        assert all(p.is_meta for p in module.parameters())  # built on meta: nothing allocated or initialised
+        inside.set()
+        assert built_outside.wait(10)
+        return match(module, sd, source)
+
+    monkeypatch.setattr("diffrt.loading.build.match_state_dict", held_match)
 
     def loader():
-        with parameters_on_meta():
-            inside.set()
-            assert built_outside.wait(10)  # the other thread builds while this one is inside
-            other["inside"] = nn.Linear(3, 4)
-        other["after"] = nn.Linear(3, 4)
+        out["unet"] = build_module("UNet2DConditionModel", config, state_dict, "test")
 
     t = threading.Thread(target=loader)
     t.start()
     assert inside.wait(10)
     outside = nn.Linear(3, 4)
     built_outside.set()
-    t.join(10)
+    t.join(30)
     assert outside.weight.device.type == "cpu" and outside.weight.abs().sum() > 0  # real, initialised
-    assert other["inside"].weight.is_meta and other["inside"].bias.is_meta
-    assert other["after"].weight.device.type == "cpu"
-    assert nn.Module.register_parameter is REGISTER_PARAMETER  # restored once no thread is inside
-
-
-def test_nested_and_failing_blocks_restore_normal_building():
-    with pytest.raises(RuntimeError, match="boom"), parameters_on_meta():
-        with parameters_on_meta():
-            assert nn.Linear(2, 2).weight.is_meta
-        assert nn.Linear(2, 2).weight.is_meta  # still inside the outer block
-        raise RuntimeError("boom")
-    assert not nn.Linear(2, 2).weight.is_meta and nn.Module.register_parameter is REGISTER_PARAMETER
-    buffers = nn.BatchNorm1d(2)
-    with parameters_on_meta():
-        buffers = nn.BatchNorm1d(2)
-    assert buffers.weight.is_meta and not buffers.running_mean.is_meta  # buffers are created normally
-    assert torch.equal(buffers.running_var, torch.ones(2))
+    loaded = out["unet"]
+    assert not any(p.is_meta for p in loaded.parameters())
+    for key, value in loaded.state_dict().items():
+        torch.testing.assert_close(value, state_dict[key], rtol=0, atol=0)
+    assert nn.Module.register_parameter is REGISTER_PARAMETER  # nothing of nn.Module was patched

@@ -15,9 +15,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from diffrt.loading import CheckpointError, load_model, read_checkpoint_components
 from diffrt.loading.single_file import split_single_file
-from tests.ldm_keys import clip_to_ldm, clip_to_open_clip, unet_to_ldm, vae_to_ldm
-from tests.loading_fixtures import UNETS, make_pipeline, write_single_file
-from tests.parity import assert_parity
+from tests.helpers.ldm_keys import clip_to_ldm, clip_to_open_clip, unet_to_ldm, vae_to_ldm
+from tests.helpers.loading_fixtures import UNETS, make_pipeline, write_single_file
+from tests.helpers.parity import assert_parity
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 
@@ -104,7 +104,7 @@ def test_single_file_equals_diffusers_folder(checkpoints, family):
         folder_sd = from_folder.state_dict()
         assert all(torch.equal(v, folder_sd[k]) for k, v in ours.state_dict().items()), name
         expected = _run(name, ref_module, family, ref=True)
-        for i, (a, e) in enumerate(zip(_run(name, ours, family, ref=False), expected)):
+        for i, (a, e) in enumerate(zip(_run(name, ours, family, ref=False), expected, strict=True)):
             assert_parity(a, e, what=f"{family} {name} output {i}")
 
 
@@ -282,8 +282,13 @@ def test_real_configs_from_shapes(family):
     unet_kwargs = {k: v for k, v in REAL[family].items() if k != "upcast_attention"}
     if family == "sdxl":
         unet_kwargs["up_block_types"] = ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]
-    vae_kwargs = {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "latent_channels": 4,
-                  "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4}  # fmt: skip
+    vae_kwargs = {
+        "block_out_channels": [128, 256, 512, 512],
+        "layers_per_block": 2,
+        "latent_channels": 4,
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+    }
     with torch.device("meta"):
         unet = diffusers.UNet2DConditionModel(**unet_kwargs)
         vae = diffusers.AutoencoderKL(**vae_kwargs)
@@ -310,7 +315,7 @@ def test_real_configs_from_shapes(family):
     assert vae_config["block_out_channels"] == [128, 256, 512, 512] and vae_config["layers_per_block"] == 2
     assert vae_config["scaling_factor"] == (0.13025 if family == "sdxl" else 0.18215)
     encoders = {"sd1": ["clip-l"], "sd2": ["openclip-h"], "sdxl": ["clip-l", "openclip-bigg"]}[family]
-    for name, preset in zip(("text_encoder", "text_encoder_2"), encoders):
+    for name, preset in zip(("text_encoder", "text_encoder_2"), encoders, strict=False):  # SD1/SD2: one encoder
         config = result.components[name].config
         for k, v in CLIP_REAL[preset].items():
             assert config[k] == v, (name, k, config[k], v)

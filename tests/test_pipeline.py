@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 import diffrt
-from tests.clip_vocab import EOS, build_clip_vocab
-from tests.loading_fixtures import CLIP_L, make_pipeline
+from tests.helpers.clip_vocab import EOS, build_clip_vocab
+from tests.helpers.loading_fixtures import CLIP_L, make_pipeline
 
 SCHEDULERS = {  # our sampler -> (diffusers scheduler class, extra config)
     "euler": ("EulerDiscreteScheduler", {}),

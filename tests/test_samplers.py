@@ -15,16 +15,10 @@ from diffusers import (
     TCDScheduler,
 )
 
-from diffrt.samplers import (
-    SAMPLERS,
-    Denoiser,
-    SchedulerConfig,
-    add_noise,
-    initial_latents,
-    make_schedule,
-    truncate_for_strength,
-)
-from tests.parity import max_rel_error
+from diffrt.sampler_registry import SAMPLERS, make_schedule
+from diffrt.samplers import NoiseSource, X0Predictor, add_noise, initial_latents
+from diffrt.schedules import SchedulerConfig, truncate_for_strength
+from tests.helpers.parity import max_rel_error
 
 STEPS = (1, 2, 4, 8, 25)
 DPM = {"algorithm_type": "dpmsolver++", "solver_order": 2}
@@ -135,15 +129,15 @@ def run_ours(name, config, steps, unet, noise, generator, kwargs, image=None, st
         schedule = truncate_for_strength(schedule, strength)
         x = add_noise(image, noise, schedule)
     states = [x]
-    denoiser = Denoiser(unet, config.prediction_type)
-    out = SAMPLERS[name](denoiser, x, schedule, generator, lambda i, x, d: states.append(x), **kwargs)
+    model = X0Predictor(unet, config.prediction_type, schedule)
+    out = SAMPLERS[name].sample(model, x, schedule, NoiseSource(generator), lambda i, x, d: states.append(x), **kwargs)
     assert out is states[-1]
     return schedule, states
 
 
 def assert_states_match(ours, theirs, what):
     assert len(ours) == len(theirs), f"{what}: {len(ours)} states vs diffusers' {len(theirs)}"
-    for i, (a, b) in enumerate(zip(ours, theirs)):
+    for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
         err = max_rel_error(a, b)
         assert err <= 1e-5, f"{what}: state {i} max relative error {err:.2e} > 1e-5"
 
@@ -300,15 +294,16 @@ def test_actionable_errors():
     for strength in (0.0, -0.5, 1.5):
         with pytest.raises(ValueError, match=rf"strength {strength} must be in \(0, 1\]"):
             truncate_for_strength(schedule, strength)
-    with pytest.raises(ValueError, match=r"leaves int\(4 \* 0.2\) = 0 steps.*use strength >= 0.25 or at least 5 steps"):
+    with pytest.raises(ValueError, match=r"runs int\(4 \* 0.2\) = 0 steps; raise strength to >= 0.25 or steps to >= 5"):
         truncate_for_strength(schedule, 0.2)
     with pytest.raises(ValueError, match="unknown prediction_type 'eps'"):
-        Denoiser(stand_in_model(), "eps")
+        X0Predictor(stand_in_model(), "eps", schedule)
     zero_snr_eps = SchedulerConfig.from_diffusers({**CONFIGS["zero-snr-v"], "prediction_type": "epsilon"})
     with pytest.raises(ValueError, match="epsilon-prediction model cannot denoise at zero SNR"):
-        SAMPLERS["ddim"](Denoiser(stand_in_model()), torch.zeros(1, 4, 8, 8), make_schedule(zero_snr_eps, "ddim", 2))
-    with pytest.raises(ValueError, match=r"TCD eta \(gamma\) 1.5 must be in \[0, 1\]"):
-        SAMPLERS["tcd"](Denoiser(stand_in_model()), torch.zeros(1, 4, 8, 8), make_schedule(config, "tcd", 2), eta=1.5)
+        X0Predictor(stand_in_model(), "epsilon", make_schedule(zero_snr_eps, "ddim", 2))
+    tcd = make_schedule(config, "tcd", 2)
+    with pytest.raises(ValueError, match=r"eta 1.5 must be in \[0, 1\]"):
+        SAMPLERS["tcd"].sample(X0Predictor(stand_in_model(), "epsilon", tcd), torch.zeros(1, 4, 8, 8), tcd, eta=1.5)
 
 
 @pytest.mark.parametrize("name", SAMPLERS)
@@ -323,7 +318,8 @@ def test_loop_never_reads_tensor_values(name):
         return F.conv2d(x, mix[:, :, None, None]) * torch.cos(t)
 
     x = torch.empty(2, 4, 8, 8, device="meta")
-    out = SAMPLERS[name](Denoiser(unet, "v_prediction"), x, make_schedule(config, name, 8), None, None)
+    schedule = make_schedule(config, name, 8)
+    out = SAMPLERS[name].sample(X0Predictor(unet, "v_prediction", schedule, "meta"), x, schedule, None, None)
     assert out.device.type == "meta" and out.shape == x.shape and len(calls) == 8
 
 
@@ -341,10 +337,11 @@ def test_loop_has_no_host_sync_on_cuda(name):
     generator = torch.Generator("cuda").manual_seed(0)
     schedule = make_schedule(config, name, 8)
     x = initial_latents(torch.randn(2, 4, 64, 64, device="cuda", generator=generator), schedule)
+    model = X0Predictor(unet, "epsilon", schedule, "cuda")  # the host plan: timesteps copied to the GPU once
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out = SAMPLERS[name](Denoiser(unet), x, schedule, generator)
+        out = SAMPLERS[name].sample(model, x, schedule, NoiseSource(generator))
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(out).all()

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffrt.models.taesd import PRESETS, AutoencoderTiny, TAESDConfig
-from tests.parity import assert_parity
+from tests.helpers.parity import assert_parity
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -11,11 +11,13 @@ import warnings
 import pytest
 import torch
 
-from diffrt.models.text_conditioning import PromptEncoder, encode_prompt
+from diffrt.backends.torch_roles import TorchTextEncoder
+from diffrt.models.clip import PRESETS
+from diffrt.models.text_conditioning import PromptEncoder
 from diffrt.tokenizer import CLIPTokenizer
-from tests.clip_vocab import EOS, build_clip_vocab
-from tests.parity import assert_parity
-from tests.test_clip import PRESETS, load_ours, save_reference
+from tests.helpers.clip_models import load_ours, save_reference
+from tests.helpers.clip_vocab import EOS, build_clip_vocab
+from tests.helpers.parity import assert_parity
 
 PROMPTS = [
     ["a photo of an astronaut riding a horse on mars"],
@@ -128,5 +130,15 @@ def test_truncation_warns_and_bad_arguments(parts):
         PromptEncoder(p1["ours"], p2["ours"], clip_skip=3)
     with pytest.raises(ValueError, match="must have a text_projection"):
         PromptEncoder(p1["ours"], p1["ours"])
-    with pytest.raises(ValueError, match="prompt_2 has 1 entries but prompt has 2"):
-        encode_prompt(PROMPTS[1], p1["tokenizer"], p1["ours"], p2["tokenizer"], p2["ours"], prompt_2=["x"])
+
+
+def encode_prompt(
+    prompt, tokenizer, text_encoder, tokenizer_2=None, text_encoder_2=None, prompt_2=None, clip_skip=None
+):
+    """Ours as the pipeline runs it: its tokenizers, then the torch text-encoder role (which takes each encoder's
+    ids apart, so a second prompt for the second encoder goes through as diffusers' prompt_2 does)."""
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    ids = tokenizer(prompts) if tokenizer is not None else None
+    ids_2 = tokenizer_2(prompt_2 or prompts) if tokenizer_2 is not None else None
+    with torch.inference_mode():
+        return TorchTextEncoder(text_encoder, text_encoder_2)(ids, ids_2, clip_skip)

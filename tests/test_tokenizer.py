@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from diffrt.tokenizer import CLIPTokenizer
-from tests.clip_slow_reference import SlowCLIPTokenizer
-from tests.clip_vocab import BOS, EOS, build_clip_vocab
+from tests.helpers.clip_slow_reference import SlowCLIPTokenizer
+from tests.helpers.clip_vocab import BOS, EOS, build_clip_vocab
 
 PROMPTS = [
     "a photo of an astronaut riding a horse on mars",

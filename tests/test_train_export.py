@@ -16,8 +16,8 @@ import diffrt
 from diffrt.cli import main
 from diffrt.train.export import export_pipeline
 from diffrt.train.recipes import ARCHITECTURES
-from tests.parity import assert_parity
-from tests.train_fixtures import finished_tiny_run
+from tests.helpers.parity import assert_parity
+from tests.helpers.train_fixtures import finished_tiny_run
 
 PROMPT = "a yellow circle to the left of a black star, white background"
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,9 +119,32 @@ def test_adherence_benchmark_runs_end_to_end(exported, tmp_path):
     """On random-ish tiny weights: the report's structure and counts, not its figures (no adherence claim)."""
     bench = _load_benchmark()
     out_json, out_png = tmp_path / "a.json", tmp_path / "a.png"
-    report = bench.main(["--teacher", exported["teacher"], "--student", exported["student"], "--prompts", "4",
-                         "--held-out-share", "0.5", "--teacher-steps", "2", "--judge-eval", "20", "--batch", "3",
-                         "--device", "cpu", "--commit", "abc1234", "--json", str(out_json), "--grid", str(out_png)])  # fmt: skip
+    report = bench.main(
+        [
+            "--teacher",
+            exported["teacher"],
+            "--student",
+            exported["student"],
+            "--prompts",
+            "4",
+            "--held-out-share",
+            "0.5",
+            "--teacher-steps",
+            "2",
+            "--judge-eval",
+            "20",
+            "--batch",
+            "3",
+            "--device",
+            "cpu",
+            "--commit",
+            "abc1234",
+            "--json",
+            str(out_json),
+            "--grid",
+            str(out_png),
+        ]
+    )
     assert _read_json(out_json) == json.loads(json.dumps(report))
     assert report["prompts"]["count"] == 4 and report["prompts"]["held_out"] == 2
     assert list(report["samplers"]) == ["teacher ddim-2", "lcm-1", "lcm-2", "lcm-4"]

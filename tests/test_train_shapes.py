@@ -32,7 +32,7 @@ def test_held_out_split_logic():
     share = np.mean([shapes.is_held_out(x) for x in every])
     assert 0.08 < share < 0.25, share  # one shape: 4/32 pairs; two shapes: ~23%
     # Every color and every shape is still seen in training; only the held-out pairings are not.
-    seen = {pair for x in train for pair in zip(x.colors, x.shapes)}
+    seen = {pair for x in train for pair in zip(x.colors, x.shapes, strict=True)}
     assert {c for c, _ in seen} == set(shapes.COLORS) and {s for _, s in seen} == set(shapes.SHAPES)
     assert seen == {(c, s) for c in shapes.COLORS for s in shapes.SHAPES} - shapes.HELD_OUT_PAIRS
     assert {s for _, s in shapes.HELD_OUT_PAIRS} == set(shapes.SHAPES)  # each shape held out with one color
@@ -46,7 +46,7 @@ def test_captions_and_labels_invert_each_other():
         labels = x.labels if x else shapes.labels_of(s, "all")
         text = shapes.caption(labels)
         assert shapes.parse_caption(text) == labels
-        assert shapes.labels_from_indices(shapes.label_indices(labels)) == labels
+        assert labels_from_indices(shapes.label_indices(labels)) == labels
         assert labels.background not in labels.colors
     assert shapes.caption(shapes.parse_caption("an orange star above a blue square, white background")) == (
         "an orange star above a blue square, white background"
@@ -116,3 +116,13 @@ def test_batch_matches_samples():
         assert labels[i].tolist() == shapes.label_indices(x.labels)
     no_images, captions_2, labels_2 = shapes.batch(range(5, 9), 32, "all", images=False)
     assert no_images is None and captions_2 == captions and np.array_equal(labels_2, labels)
+
+
+def labels_from_indices(indices) -> shapes.Labels:
+    """Inverse of `label_indices`."""
+    v = {h: shapes.HEADS[h][int(i)] for h, i in zip(shapes.HEADS, indices, strict=True)}
+    two = v["layout"] in shapes.RELATIONS
+    colors = (v["color1"], v["color2"]) if two else (v["color1"],)
+    kinds = (v["shape1"], v["shape2"]) if two else (v["shape1"],)
+    size = None if v["size"] == "none" else v["size"]
+    return shapes.Labels(v["layout"], colors, kinds, v["background"], size)

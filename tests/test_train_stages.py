@@ -7,10 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from diffrt.models.embeddings import guidance_scale_embedding
 from diffrt.train import checkpoint as ck
 from diffrt.train import lcm, text, unet, vae
 from diffrt.train.recipes import ARCHITECTURES, init_run, stage_settings
-from tests.train_fixtures import TINY, TRAIN, finished_tiny_run, run_stage, settings
+from tests.helpers.train_fixtures import TINY, TRAIN, finished_tiny_run, run_stage, settings
 
 UPSTREAM = {"vae": (), "text": (), "unet": ("vae", "text", "tokenizer"), "lcm": ("vae", "unet", "tokenizer")}
 
@@ -32,7 +33,7 @@ def new_run(folder: str, finished: str, stage: str) -> str:
 def run(tmp_path_factory) -> str:
     """A tiny run with every stage finished (a few steps each)."""
     folder = str(tmp_path_factory.mktemp("run"))
-    for stage, result in zip(TRAIN, finished_tiny_run(folder)):
+    for stage, result in zip(TRAIN, finished_tiny_run(folder), strict=True):
         assert result["done"] and result["step"] == TINY[stage]["steps"]
         for _, metrics in result["history"]:
             assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values()), (stage, metrics)
@@ -81,15 +82,19 @@ def test_lcm_student_starts_as_the_teacher(run):
     student, student_config = lcm.student_unet(teacher, config)
     assert student_config["time_cond_proj_dim"] == 256
     x, t, ctx = torch.randn(2, 4, 4, 4), torch.tensor([999, 19]), torch.randn(2, 77, 32)
-    w = lcm.guidance_embedding(torch.tensor([3.0, 7.0]), 256)
+    w = guidance_scale_embedding(torch.tensor([3.0, 7.0]), 256)
     with torch.no_grad():
         torch.testing.assert_close(student(x, t, ctx, timestep_cond=w), teacher(x, t, ctx), rtol=0, atol=0)
 
 
 def test_lcm_helpers_match_the_pipeline_and_scheduler():
-    from diffrt.pipeline import _guidance_embedding
+    from diffusers import LatentConsistencyModelPipeline
 
-    torch.testing.assert_close(lcm.guidance_embedding(torch.tensor([6.5, 6.5]), 256), _guidance_embedding(6.5, 256, 2))
+    from diffrt.models.embeddings import guidance_scale_embedding
+
+    w = torch.tensor([6.5, 6.5])  # the one embedding the trainer and the pipeline use, held to diffusers'
+    expected = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, 256)
+    torch.testing.assert_close(guidance_scale_embedding(w, 256), expected)
     starts, prevs = lcm.ddim_schedule(50)
     assert starts[:3].tolist() == [19, 39, 59] and starts[-1] == 999 and prevs[:3].tolist() == [0, 19, 39]
     c_skip, c_out = lcm.boundary_scalings(torch.tensor([0, 999]))

@@ -14,109 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from benchmarks.diffusers_configs import SD15, SD21, SDXL
 from diffrt.models.unet import PRESETS, UNet2DConditionModel, UNetConfig
-from tests.parity import assert_parity, max_rel_error
+from tests.helpers.parity import assert_parity, max_rel_error
 
 diffusers = pytest.importorskip("diffusers")
 
-# The public unet/config.json files of runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-2-1 (768 v-pred;
-# the 512 base differs only in sample_size 64 and upcast_attention false) and stabilityai/stable-diffusion-xl-base-1.0.
-SD15 = {
-    "_class_name": "UNet2DConditionModel",
-    "_diffusers_version": "0.6.0",
-    "act_fn": "silu",
-    "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "sample_size": 64,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-}
-SD21 = {
-    "_class_name": "UNet2DConditionModel",
-    "_diffusers_version": "0.10.0.dev0",
-    "act_fn": "silu",
-    "attention_head_dim": [5, 10, 20, 20],
-    "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 1024,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1,
-    "dual_cross_attention": False,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "num_class_embeds": None,
-    "only_cross_attention": False,
-    "out_channels": 4,
-    "sample_size": 96,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "upcast_attention": True,
-    "use_linear_projection": True,
-}
-SDXL = {
-    "_class_name": "UNet2DConditionModel",
-    "_diffusers_version": "0.19.0.dev0",
-    "act_fn": "silu",
-    "addition_embed_type": "text_time",
-    "addition_embed_type_num_heads": 64,
-    "addition_time_embed_dim": 256,
-    "attention_head_dim": [5, 10, 20],
-    "block_out_channels": [320, 640, 1280],
-    "center_input_sample": False,
-    "class_embed_type": None,
-    "class_embeddings_concat": False,
-    "conv_in_kernel": 3,
-    "conv_out_kernel": 3,
-    "cross_attention_dim": 2048,
-    "cross_attention_norm": None,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "downsample_padding": 1,
-    "dual_cross_attention": False,
-    "encoder_hid_dim": None,
-    "encoder_hid_dim_type": None,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_only_cross_attention": None,
-    "mid_block_scale_factor": 1,
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "num_attention_heads": None,
-    "num_class_embeds": None,
-    "only_cross_attention": False,
-    "out_channels": 4,
-    "projection_class_embeddings_input_dim": 2816,
-    "resnet_out_scale_factor": 1.0,
-    "resnet_skip_time_act": False,
-    "resnet_time_scale_shift": "default",
-    "sample_size": 128,
-    "time_cond_proj_dim": None,
-    "time_embedding_act_fn": None,
-    "time_embedding_dim": None,
-    "time_embedding_type": "positional",
-    "timestep_post_act": None,
-    "transformer_layers_per_block": [1, 2, 10],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "upcast_attention": None,
-    "use_linear_projection": True,
-}
 REAL = {"sd15": SD15, "sd21": SD21, "sdxl": SDXL}
 
 # The tiny presets as diffusers would store them: the real file with smaller widths. Head COUNTS stay per family
@@ -301,11 +204,11 @@ def test_presets_match_diffusers_configs(name):
 def test_preset_structure():
     """The features the tiny presets must keep from their families."""
     sd15, sd21, sdxl = (UNetConfig.preset(f"tiny-{n}") for n in ("sd15", "sd21", "sdxl"))
-    heads_width = [c // h for c, h in zip(sd15.block_out_channels, sd15.num_attention_heads)]
+    heads_width = [c // h for c, h in zip(sd15.block_out_channels, sd15.num_attention_heads, strict=True)]
     assert not sd15.use_linear_projection and len(set(sd15.num_attention_heads)) == 1 and len(set(heads_width)) > 1
     for cfg in (sd21, sdxl):
         assert cfg.use_linear_projection
-        assert len({c // h for c, h in zip(cfg.block_out_channels, cfg.num_attention_heads)}) == 1
+        assert len({c // h for c, h in zip(cfg.block_out_channels, cfg.num_attention_heads, strict=True)}) == 1
     assert len(sdxl.block_out_channels) == 3 and sdxl.down_block_types[0] == "DownBlock2D"
     assert len(set(sdxl.transformer_layers_per_block[1:])) == 2 and sdxl.addition_embed_type == "text_time"
     assert set(PRESETS) >= {"sd15", "sd21", "sdxl", "tiny-sd15", "tiny-sd21", "tiny-sdxl"}
@@ -424,3 +327,34 @@ def test_config_is_normalised_per_level():
     assert cfg == UNetConfig.preset("sdxl")
     assert UNetConfig.preset("sd15").num_attention_heads == (8, 8, 8, 8)
     assert UNetConfig.preset("sd21").time_embed_dim == 1280
+
+
+@pytest.mark.parametrize("name", ["tiny-sd15", "tiny-sdxl"])
+def test_controlnet_residuals_are_added_as_diffusers_adds_them(name, tmp_path):
+    """ControlNet's residuals (one per skip, one for the mid block) enter through the same arguments as diffusers'."""
+    ref, ours = _saved_pair(TINY[name], tmp_path)
+    inputs = _inputs(ours.config, 2, (8, 12), seed=3)
+    with torch.inference_mode():
+        skips = []  # the skips' shapes, from a hook on diffusers' model: conv_in, then every down-block output
+        hook = ref.conv_in.register_forward_hook(lambda m, a, out: skips.append(out.shape))
+        hooks = [
+            b.register_forward_hook(lambda m, a, out: skips.extend(t.shape for t in out[1])) for b in ref.down_blocks
+        ]
+        _run_both(ref, ours, inputs)
+        for h in [hook, *hooks]:
+            h.remove()
+    g = torch.Generator().manual_seed(4)
+    down = tuple(torch.randn(s, generator=g) for s in skips)
+    mid_shape = (2, ours.config.block_out_channels[-1], *skips[-1][-2:])
+    mid = torch.randn(mid_shape, generator=g)
+    extra = {k: inputs[k] for k in ("text_embeds", "time_ids") if k in inputs}
+    with torch.inference_mode():
+        expected = ref(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"],
+                       added_cond_kwargs=extra or None, down_block_additional_residuals=down,
+                       mid_block_additional_residual=mid, return_dict=False)[0]  # fmt: skip
+        actual = ours(**inputs, down_block_additional_residuals=down, mid_block_additional_residual=mid)
+        plain = ours(**inputs)
+    assert_parity(actual, expected)
+    assert max_rel_error(plain, expected) > 1e-2, "the residuals changed nothing"
+    with pytest.raises(ValueError, match=f"{len(down) - 1} down-block residuals for this UNet's {len(down)} skips"):
+        ours(**inputs, down_block_additional_residuals=down[:-1])

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffrt.models.vae import PRESETS, AutoencoderKL, AutoencoderKLConfig, rename_deprecated_attention_keys
-from tests.parity import assert_parity
+from tests.helpers.parity import assert_parity
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -57,8 +57,8 @@ TINY_CONFIG = {  # our `tiny` preset as a diffusers config
 
 
 def test_presets_equal_public_configs():
-    assert AutoencoderKLConfig.from_diffusers(SD15_CONFIG) == PRESETS["sd15"] == PRESETS["sd"]
-    assert AutoencoderKLConfig.from_diffusers(SD21_CONFIG) == PRESETS["sd21"] == PRESETS["sd"]
+    assert AutoencoderKLConfig.from_diffusers(SD15_CONFIG) == PRESETS["sd"]
+    assert AutoencoderKLConfig.from_diffusers(SD21_CONFIG) == PRESETS["sd"]
     sdxl = AutoencoderKLConfig.from_diffusers(SDXL_CONFIG)
     assert sdxl == PRESETS["sdxl"] and sdxl.scaling_factor == 0.13025 and sdxl.shift_factor is None
     assert PRESETS["sd"].scaling_factor == 0.18215 and PRESETS["sd"].vae_scale_factor == 8

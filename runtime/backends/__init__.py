@@ -1,18 +1,46 @@
-"""Backends: how the pipeline's components run. `torch` (eager, the reference) is the default; `triton` routes every
-GroupNorm(+SiLU) and attention through diffrt's fused kernels (diffrt.backends.triton)."""
+"""Backends: how a pipeline's components run. A backend is an object its pipeline owns, never process state, so
+two pipelines with different backends live in one process (and in two threads) and each gives its own images.
+
+A backend makes the pipeline's roles (diffrt.roles) from its components and runs a generation plan (diffrt.plan):
+
+    roles(components, dtype) -> Roles          once, when the pipeline is built
+    run(plan, roles, callback) -> (images, latents)   per call; images [B, 3, H, W] in [0, 1]
+"""
+
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:  # the protocol's types only: importing the backends' names stays cheap (the CLI lists them)
+    import torch
+    from torch import Tensor
+
+    from diffrt.components import Components
+    from diffrt.plan import GenerationPlan
+    from diffrt.roles import Roles
+    from diffrt.samplers import Callback
+
+
+class Backend(Protocol):
+    name: str
+
+    def roles(self, components: "Components", dtype: "torch.dtype") -> "Roles": ...
+
+    def run(
+        self, plan: "GenerationPlan", roles: "Roles", callback: "Callback | None" = None
+    ) -> "tuple[Tensor, Tensor]": ...
+
 
 BACKENDS = ("torch", "triton")
 
 
-def use_backend(name: str) -> None:
-    """Switch every model's GroupNorm/attention to `name`'s implementation (process-wide)."""
-    from diffrt.models.layers import use_ops
+def make_backend(backend: "str | Backend") -> "Backend":
+    """A backend by name (BACKENDS), or the given backend object itself."""
+    if not isinstance(backend, str):
+        return backend
+    from diffrt.backends.eager import EagerBackend
+    from diffrt.models.ops import TORCH_OPS, TRITON_OPS
 
-    if name == "torch":
-        use_ops()
-    elif name == "triton":
-        from diffrt.backends.triton import attention, group_norm
-
-        use_ops(group_norm=group_norm, attention=attention)
-    else:
-        raise ValueError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
+    if backend == "torch":
+        return EagerBackend("torch", TORCH_OPS)
+    if backend == "triton":
+        return EagerBackend("triton", TRITON_OPS)
+    raise ValueError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")

@@ -1,16 +1,14 @@
 """From (class name, config dict, state_dict) to one of our modules, with every key and shape checked first.
 
-The module is built with its parameters on the meta device (no allocation, no random init; buffers stay real, as
-accelerate's init_empty_weights does) and then takes the file's tensors by assignment: each weight is read once,
-straight into its final dtype and device. A tensor that would still view the file's memory map afterwards (same
-dtype, on CPU) is copied, so that the module never depends on the file staying unchanged on disk (a rewritten or
-truncated file under a live map means changed weights or SIGBUS).
+The module is built on the meta device (no allocation, no random init) and then takes the file's tensors by
+assignment (`load_state_dict(assign=True)`): each weight is read once, straight into its final dtype and device. A
+tensor that would still view the file's memory map afterwards (same dtype, on CPU) is copied, so that the module
+never depends on the file staying unchanged on disk (a rewritten or truncated file under a live map means changed
+weights or SIGBUS).
 """
 
-import contextlib
 import importlib
-import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -46,40 +44,6 @@ def make_config(class_name: str, config: dict, source: str):
         return getattr(config_cls, ctor)(config)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{source}: cannot build a {class_name} config from it: {e}") from e
-
-
-@contextlib.contextmanager
-def parameters_on_meta() -> Iterator[None]:
-    """While active in this thread, every nn.Parameter registered lands on the meta device; buffers are created
-    normally. Modules built meanwhile on other threads are untouched: nn.Module.register_parameter is wrapped while
-    any thread is inside, and the wrapper acts only for the threads that are (a server may load models in parallel)."""
-    global _meta_threads
-    with _meta_lock:
-        if _meta_threads == 0:
-            nn.Module.register_parameter = _register_parameter_maybe_on_meta
-        _meta_threads += 1
-    _meta_local.depth = getattr(_meta_local, "depth", 0) + 1
-    try:
-        yield
-    finally:
-        _meta_local.depth -= 1
-        with _meta_lock:
-            _meta_threads -= 1
-            if _meta_threads == 0:
-                nn.Module.register_parameter = _register_parameter
-
-
-_register_parameter = nn.Module.register_parameter
-_meta_lock = threading.Lock()
-_meta_threads = 0  # threads inside parameters_on_meta (the wrapper is installed while > 0)
-_meta_local = threading.local()
-
-
-def _register_parameter_maybe_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-    _register_parameter(module, name, param)
-    if param is not None and getattr(_meta_local, "depth", 0) > 0:
-        p = module._parameters[name]
-        module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
 
 
 def _adapt_prefix(state_dict: dict, expected: set[str]) -> dict:
@@ -144,10 +108,12 @@ def build_module(
     """Our module for `class_name`, configured by the diffusers/transformers `config`, holding `state_dict`."""
     cls, _, _ = model_classes(class_name, source)
     cfg = make_config(class_name, config, source)
-    with parameters_on_meta():
+    with torch.device("meta"):  # a thread-local mode: modules other threads build meanwhile are untouched
         module = cls(cfg)
     sd = match_state_dict(module, state_dict, source)
     module.load_state_dict(sd, strict=True, assign=True)
+    unset = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    assert not unset, f"{cls.__name__} holds tensors no state_dict key sets: {unset[:5]}"
     file_memory = {t.untyped_storage().data_ptr() for t in sd.values() if t.device.type == "cpu"}
     module.to(device=device, dtype=dtype or torch.float32)
     for t in [*module.parameters(), *module.buffers()]:

@@ -11,7 +11,6 @@ from diffrt.loading.safetensors_io import read_safetensors
 SAFETENSORS = "safetensors"
 TORCH_ZIP = "torch-zip"  # torch.save since torch 1.6: a zip archive holding data.pkl + raw storages
 PICKLE = "pickle"  # legacy torch.save: a bare pickle stream
-PICKLE_FORMATS = (TORCH_ZIP, PICKLE)
 
 
 def detect_format(path: str | os.PathLike) -> str:

@@ -116,7 +116,7 @@ def convert_open_clip(sd: dict[str, torch.Tensor], where: str, penultimate: bool
             kind = rest.rsplit("_", 1)[1]  # weight / bias
             if v.shape[0] != 3 * width:
                 raise CheckpointError(f"{where}: {k} has {v.shape[0]} rows, expected 3 x {width}")
-            for name, part in zip(("q_proj", "k_proj", "v_proj"), v.split(width, dim=0)):
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), v.split(width, dim=0), strict=True):
                 out[f"{prefix}self_attn.{name}.{kind}"] = part
             continue
         for a, b in _OPEN_CLIP_LAYER.items():

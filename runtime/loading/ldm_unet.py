@@ -106,7 +106,7 @@ def _convert_unet(sd: dict, where: str, family: str | None, pooled_dim: int | No
     layers = counts.pop()
     channels = [sd[f"input_blocks.{lv[0]}.0.out_layers.3.weight"].shape[0] for lv in levels]
     down_attn = [bool(inp[lv[0]].get(1)) for lv in levels]
-    down_depth = [_depth(inp[lv[0]][1]) if a else 1 for lv, a in zip(levels, down_attn)]
+    down_depth = [_depth(inp[lv[0]][1]) if a else 1 for lv, a in zip(levels, down_attn, strict=True)]
     n_levels = len(levels)
     if sorted(outp) != list(range(n_levels * (layers + 1))):
         raise CheckpointError(
@@ -120,11 +120,11 @@ def _convert_unet(sd: dict, where: str, family: str | None, pooled_dim: int | No
         raise CheckpointError(f"{where}: only a middle block of resnet-transformer-resnet is supported")
     mid_depth = _depth(mid[1])
 
-    proj_in = next(sd[f"input_blocks.{lv[0]}.1.proj_in.weight"] for lv, a in zip(levels, down_attn) if a)
+    proj_in = next(sd[f"input_blocks.{lv[0]}.1.proj_in.weight"] for lv, a in zip(levels, down_attn, strict=True) if a)
     linear = proj_in.ndim == 2
     context_dim = next(
         sd[f"input_blocks.{lv[0]}.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
-        for lv, a in zip(levels, down_attn)
+        for lv, a in zip(levels, down_attn, strict=True)
         if a
     )
     sdxl = "label_emb.0.0.weight" in sd

@@ -1,174 +1,125 @@
-"""A safetensors reader that validates the whole header before it trusts a byte of it, then maps the file.
+"""safetensors files read through the `safetensors` library, with errors that name the file and the tensor.
 
-Format (https://github.com/huggingface/safetensors#format): 8-byte little-endian header length N, N bytes of
-UTF-8 JSON {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}, then the data
-buffer; offsets are relative to the buffer. The checks follow the spec and what the reference library enforces
-(header at most 100 MB, offsets inside the buffer, tensors laid end to end without overlap or gap, byte size equal
-to numel * itemsize), with messages that name the file and the tensor.
+The library validates the whole header before it maps a byte (header size, JSON, dtypes, shapes, offsets inside the
+data buffer, tensors laid end to end without overlap, gap or trailing bytes) and returns tensors that view a
+private memory map of the file (nothing is read until used; writes never reach the file). This module only words
+its errors for people (naming the file, and the tensor where it can be told) and adds the one check the library
+does not make: a header that names a tensor twice is refused (two readers could pick different tensors).
 """
 
+import contextlib
 import json
-import math
-import mmap
 import os
+import re
 import struct
 from dataclasses import dataclass, field
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from diffrt.loading.errors import CheckpointError
 
-MAX_HEADER_BYTES = 100_000_000  # the reference implementation's limit
-
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U64": torch.uint64,
-    "U32": torch.uint32,
-    "U16": torch.uint16,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    begin: int  # byte offset into the data buffer
-    end: int
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
+ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 @dataclass
 class SafetensorsHeader:
     path: str
-    header_bytes: int  # N: the data buffer starts at 8 + N
-    tensors: dict[str, TensorInfo]
     metadata: dict[str, str] = field(default_factory=dict)
 
 
-def _no_duplicate_keys(pairs: list) -> dict:
-    keys = [k for k, _ in pairs]
-    dup = sorted({k for k in keys if keys.count(k) > 1})
-    if dup:
-        raise CheckpointError(f"duplicate key(s) in header: {dup[:5]}")
-    return dict(pairs)
-
-
-def _parse_entry(name: str, entry: object, data_size: int, where: str) -> TensorInfo:
-    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-        raise CheckpointError(
-            f"{where}: tensor {name!r} must be an object with dtype, shape, data_offsets; got {entry!r}"
-        )
-    dtype_name, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype_name not in DTYPES:
-        raise CheckpointError(f"{where}: tensor {name!r} has unknown dtype {dtype_name!r}; known: {', '.join(DTYPES)}")
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise CheckpointError(f"{where}: tensor {name!r} has invalid shape {shape!r} (want a list of ints >= 0)")
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(type(o) is int for o in offsets)
-        or not 0 <= offsets[0] <= offsets[1]
-    ):
-        raise CheckpointError(f"{where}: tensor {name!r} has invalid data_offsets {offsets!r} (want [begin, end])")
-    begin, end = offsets
-    if end > data_size:
-        raise CheckpointError(
-            f"{where}: tensor {name!r} data_offsets [{begin}, {end}] run past the end of the data buffer "
-            f"({data_size} bytes); the file is truncated or its header is wrong"
-        )
-    dtype = DTYPES[dtype_name]
-    nbytes = math.prod(shape) * dtype.itemsize
-    if end - begin != nbytes:
-        raise CheckpointError(
-            f"{where}: tensor {name!r} spans {end - begin} bytes but {dtype_name} {shape} needs {nbytes}"
-        )
-    return TensorInfo(dtype, tuple(shape), begin, end)
-
-
 def read_header(path: str | os.PathLike) -> SafetensorsHeader:
-    """Parse and validate a safetensors header (reads only the header, never the data)."""
+    """Validate a safetensors file's header (its data stays unread) and return its metadata."""
     path = os.fspath(path)
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path}: {size} bytes is too short for a safetensors file (8-byte header length)")
-        (n,) = struct.unpack("<Q", head)
-        if n < 2 or n > size - 8 or n > MAX_HEADER_BYTES:
-            raise CheckpointError(
-                f"{path}: bad header length {n}: the file has {size - 8} bytes after the 8-byte length field "
-                f"(and headers are limited to {MAX_HEADER_BYTES} bytes); the file is truncated or not safetensors"
-            )
-        raw = f.read(n)
-    where = f"{path}: header"
+    with _opened(path) as f:
+        return SafetensorsHeader(path, dict(f.metadata() or {}))
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Validate, then return CPU tensors that view a copy-on-write map of the file (no copy until written)."""
+    path = os.fspath(path)
+    with _opened(path) as f:
+        return {name: f.get_tensor(name) for name in f.keys()}
+
+
+@contextlib.contextmanager
+def _opened(path: str):
+    """safe_open(path), its errors turned into CheckpointErrors that say what is wrong."""
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{where} is not valid UTF-8 JSON ({e}); the file is corrupt or not safetensors") from e
-    except CheckpointError as e:
-        raise CheckpointError(f"{where}: {e}") from e
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{where} must be a JSON object, got {type(header).__name__}")
-    metadata = header.pop("__metadata__", {})
-    if not isinstance(metadata, dict):
-        raise CheckpointError(f"{where}: __metadata__ must be an object of strings, got {type(metadata).__name__}")
+        handle = safe_open(path, framework="pt")
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: {_explain(str(e), path)}") from e
+    _refuse_duplicate_keys(path)
+    with handle as f:
+        yield f
 
-    data_size = size - 8 - n
-    tensors = {name: _parse_entry(name, entry, data_size, where) for name, entry in header.items()}
 
-    # Tensors must tile the data buffer: sorted by offset, each starts where the previous one ended.
-    pos, prev = 0, None
-    for name, info in sorted(tensors.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
-        if info.begin < pos:
-            raise CheckpointError(
-                f"{where}: tensor {name!r} bytes [{info.begin}, {info.end}] overlap tensor {prev!r} (ends at {pos})"
-            )
-        if info.begin > pos:
-            raise CheckpointError(
-                f"{where}: {info.begin - pos} unindexed bytes before tensor {name!r} (offset {pos}..{info.begin})"
-            )
-        pos, prev = info.end, name
-    if pos != data_size:
-        raise CheckpointError(
-            f"{where}: the tensors cover {pos} bytes but the data buffer has {data_size}; "
-            "trailing bytes are not allowed by the format"
+def _explain(message: str, path: str) -> str:
+    """The library's message (e.g. "Error while deserializing header: invalid offset for tensor `b`") in words."""
+    detail = message.split(": ", 1)[-1]
+    size = os.path.getsize(path)
+    if detail in ("header too large", "header too small", "invalid header length"):
+        with open(path, "rb") as f:
+            head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        return (
+            f"bad header length {n}: the file has {max(size - 8, 0)} bytes after the 8-byte length field; the file is "
+            "truncated or not safetensors"
         )
-    return SafetensorsHeader(path, n, tensors, {str(k): str(v) for k, v in metadata.items()})
+    if detail.startswith(("invalid JSON in header", "invalid UTF-8 in header")):
+        top = re.search(r"invalid type: (\w+), expected struct HashMetadata", detail)
+        if top:  # serde's names for what the header is instead of an object
+            found = {"sequence": "list", "string": "str", "integer": "int", "floating": "float"}.get(top.group(1))
+            return f"header must be a JSON object, got {found or top.group(1)}"
+        dtype = re.search(r"unknown variant `([^`]*)`, expected one of (.*) at line", detail)
+        if dtype:
+            return f"a tensor has unknown dtype {dtype.group(1)!r}; known: {dtype.group(2).replace('`', '')}"
+        return f"header is not valid UTF-8 JSON for safetensors ({detail.split(' in header: ', 1)[-1]})"
+    offset = re.search(r"invalid offset for tensor `(.*)`", detail)
+    if offset:
+        return (
+            f"tensor {offset.group(1)!r} has invalid data_offsets: each tensor must start where the previous one "
+            "ends, without overlap or gap"
+        )
+    if detail.startswith("incomplete metadata"):
+        buffer = size - 8 - len(_header_json(path))
+        return (
+            f"the tensors' data_offsets do not cover the {buffer}-byte data buffer exactly (they run past its end, or "
+            "bytes trail the last tensor); the file is truncated or its header is wrong"
+        )
+    if detail.startswith("invalid shape, data type, or offset for tensor"):
+        return f"{_misfit_tensor(path)}: its byte size does not match its dtype and shape"
+    return detail
 
 
-def read_safetensors(path: str | os.PathLike, header: SafetensorsHeader | None = None) -> dict[str, torch.Tensor]:
-    """Validate, then map the file copy-on-write and return CPU tensors that view it (no copy until written)."""
-    header = header or read_header(path)
-    path = os.fspath(path)
-    base = 8 + header.header_bytes
-    out: dict[str, torch.Tensor] = {}
-    if base == os.path.getsize(path):  # no data: nothing to map (mmap of an empty range fails)
-        return {name: torch.empty(info.shape, dtype=info.dtype) for name, info in header.tensors.items()}
+def _header_json(path: str) -> bytes:
     with open(path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    if len(mm) != base + max((i.end for i in header.tensors.values()), default=0):
-        raise CheckpointError(f"{path}: the file changed size while being read")
-    for name, info in header.tensors.items():
-        if info.numel == 0:
-            out[name] = torch.empty(info.shape, dtype=info.dtype)
+        (n,) = struct.unpack("<Q", f.read(8))
+        return f.read(n)
+
+
+def _refuse_duplicate_keys(path: str) -> None:
+    def no_duplicates(pairs: list) -> dict:
+        keys = [k for k, _ in pairs]
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        if dup:
+            raise CheckpointError(f"{path}: duplicate key(s) in header: {dup[:5]}")
+        return dict(pairs)
+
+    json.loads(_header_json(path), object_pairs_hook=no_duplicates)
+
+
+def _misfit_tensor(path: str) -> str:
+    """Which tensor's byte span disagrees with numel * itemsize (the library says only that one does)."""
+    for name, entry in json.loads(_header_json(path)).items():
+        if name == "__metadata__" or entry.get("dtype") not in ITEM_BYTES:
             continue
-        t = torch.frombuffer(mm, dtype=info.dtype, count=info.numel, offset=base + info.begin).view(info.shape)
-        if (base + info.begin) % info.dtype.itemsize:
-            t = t.clone()  # misaligned start (allowed by the format, never written by the reference library)
-        out[name] = t
-    return out
+        begin, end = entry["data_offsets"]
+        numel = 1
+        for d in entry["shape"]:
+            numel *= d
+        if end - begin != numel * ITEM_BYTES[entry["dtype"]]:
+            return f"tensor {name!r} spans {end - begin} bytes but {entry['dtype']} {entry['shape']} needs " + str(
+                numel * ITEM_BYTES[entry["dtype"]]
+            )
+    return "a tensor"

@@ -104,15 +104,6 @@ PRESETS: dict[str, CLIPTextConfig] = {
     "tiny-openclip-bigg": replace(_CLIP_L, vocab_size=1024, hidden_size=40, intermediate_size=80, num_hidden_layers=4,
                                   num_attention_heads=5, hidden_act="gelu", projection_dim=24),
 }  # fmt: skip
-# The text encoders each pipeline family conditions on, in diffusers' order (text_encoder, text_encoder_2).
-PIPELINE_ENCODERS: dict[str, tuple[str, ...]] = {
-    "sd15": ("clip-l",),
-    "sd21": ("openclip-h",),
-    "sdxl": ("clip-l", "openclip-bigg"),
-    "tiny-sd15": ("tiny-clip-l",),
-    "tiny-sd21": ("tiny-openclip-h",),
-    "tiny-sdxl": ("tiny-clip-l", "tiny-openclip-bigg"),
-}
 
 
 class CLIPTextOutput(NamedTuple):

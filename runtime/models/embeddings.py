@@ -53,3 +53,13 @@ class TimestepEmbedding(nn.Module):
                 raise ValueError("got a timestep condition, but this UNet has no time_cond_proj_dim (not an LCM UNet)")
             x = x + self.cond_proj(condition)
         return self.linear_2(F.silu(self.linear_1(x)))
+
+
+def guidance_scale_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of w * 1000 per sample, LCM's guidance-scale condition [N] -> [N, dim] (diffusers'
+    get_guidance_scale_embedding; the pipelines pass w = guidance_scale - 1)."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device) * -(math.log(10000.0) / (half - 1)))
+    emb = (w.float() * 1000.0)[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+    return F.pad(emb, (0, 1)) if dim % 2 == 1 else emb

@@ -1,55 +1,28 @@
 """Building blocks shared by the UNet and the VAE, with diffusers' parameter names.
 
-Two operations dominate a diffusion UNet besides its matrix products: GroupNorm (+SiLU) and attention. Every
-block calls them through `group_norm` and `attention` below, so a backend can swap in fused kernels
-(`use_ops`) without touching the model code or its state_dict.
+Two operations dominate a diffusion UNet besides its matrix products: GroupNorm (+SiLU) and attention. The modules
+that run them (`GroupNorm`, `Attention`) call them through their `ops` record (diffrt.models.ops), so a backend can
+put one model instance on fused kernels (`set_ops`) without touching the model code or its state_dict.
 """
-
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def _group_norm_torch(
-    x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float, silu: bool
-) -> torch.Tensor:
-    y = F.group_norm(x, num_groups, weight, bias, eps)
-    return F.silu(y) if silu else y
-
-
-def _attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """q [B, H, Sq, D], k/v [B, H, Sk, D] (any strides) -> [B, H, Sq, D]."""
-    return F.scaled_dot_product_attention(q, k, v)
-
-
-_ops: dict[str, Callable] = {"group_norm": _group_norm_torch, "attention": _attention_torch}
-
-
-def use_ops(group_norm: Callable | None = None, attention: Callable | None = None) -> None:
-    """Route every block's GroupNorm / attention through other implementations (None restores torch's)."""
-    _ops["group_norm"] = group_norm or _group_norm_torch
-    _ops["attention"] = attention or _attention_torch
-
-
-def group_norm(x, num_groups, weight, bias, eps, silu=False):
-    return _ops["group_norm"](x, num_groups, weight, bias, eps, silu)
-
-
-def attention(q, k, v):
-    return _ops["attention"](q, k, v)
+from diffrt.models.ops import TORCH_OPS
 
 
 class GroupNorm(nn.GroupNorm):
     """GroupNorm with an optional SiLU after it, so that a fused kernel can do both in one pass."""
+
+    ops = TORCH_OPS  # per instance once diffrt.models.ops.set_ops has run
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, silu: bool = False):
         super().__init__(num_groups, num_channels, eps=eps, affine=True)
         self.silu = silu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.silu)
+        return self.ops.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.silu)
 
 
 class ResnetBlock2D(nn.Module):
@@ -89,6 +62,8 @@ class ResnetBlock2D(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention over token sequences [B, S, C]; self-attention when `context` is None."""
 
+    ops = TORCH_OPS  # per instance once diffrt.models.ops.set_ops has run
+
     def __init__(
         self,
         query_dim: int,
@@ -112,7 +87,7 @@ class Attention(nn.Module):
         q = self.to_q(x).unflatten(-1, (h, -1)).transpose(1, 2)
         k = self.to_k(context).unflatten(-1, (h, -1)).transpose(1, 2)
         v = self.to_v(context).unflatten(-1, (h, -1)).transpose(1, 2)
-        out = attention(q, k, v).transpose(1, 2).reshape(b, x.shape[1], -1)
+        out = self.ops.attention(q, k, v).transpose(1, 2).reshape(b, x.shape[1], -1)
         return self.to_out[0](out)
 
 

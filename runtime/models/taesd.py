@@ -74,7 +74,7 @@ class TAESDConfig:
 
     @property
     def vae_scale_factor(self) -> int:
-        """Image pixels per latent pixel along each side (8 for TAESD): one stride-2 conv per encoder level but the first."""
+        """Image pixels per latent pixel along each side (8 for TAESD): a stride-2 conv per level but the first."""
         return 2 ** (len(self.num_encoder_blocks) - 1)
 
     @classmethod
@@ -156,7 +156,7 @@ class EncoderTiny(nn.Module):
     def __init__(self, config: TAESDConfig):
         super().__init__()
         layers: list[nn.Module] = []
-        for i, (ch, n) in enumerate(zip(config.encoder_block_out_channels, config.num_encoder_blocks)):
+        for i, (ch, n) in enumerate(zip(config.encoder_block_out_channels, config.num_encoder_blocks, strict=True)):
             if i == 0:
                 layers.append(nn.Conv2d(config.in_channels, ch, 3, padding=1))
             else:
@@ -179,7 +179,7 @@ class DecoderTiny(nn.Module):
             nn.Conv2d(config.latent_channels, channels[0], 3, padding=1),
             _ACTIVATIONS[config.act_fn](),
         ]
-        for i, (ch, n) in enumerate(zip(channels, counts)):
+        for i, (ch, n) in enumerate(zip(channels, counts, strict=True)):
             last = i == len(channels) - 1
             layers += [AutoencoderTinyBlock(ch, ch, config.act_fn) for _ in range(n)]
             if not last:

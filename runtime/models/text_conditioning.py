@@ -14,8 +14,18 @@ is given. To reproduce that, call these with clip_skip=None for negative prompts
 import torch
 from torch import nn
 
-from diffrt.models.clip import CLIPTextModel
-from diffrt.tokenizer import CLIPTokenizer
+from diffrt.models.clip import CLIPTextConfig, CLIPTextModel
+
+
+def deepest_clip_skip(config: CLIPTextConfig | None, config_2: CLIPTextConfig | None = None) -> int:
+    """The largest clip_skip these encoders allow: SDXL counts from the penultimate layer of the shallower one."""
+    layers = min(c.num_hidden_layers for c in (config, config_2) if c is not None)
+    return layers - 1 if config_2 is not None else layers
+
+
+def check_clip_skip(clip_skip: int | None, deepest: int) -> None:
+    if clip_skip is not None and not (isinstance(clip_skip, int) and 0 <= clip_skip <= deepest):
+        raise ValueError(f"clip_skip {clip_skip} is out of range; this text encoder allows 0..{deepest}")
 
 
 class PromptEncoder(nn.Module):
@@ -33,11 +43,7 @@ class PromptEncoder(nn.Module):
         super().__init__()
         if text_encoder is None and text_encoder_2 is None:
             raise ValueError("PromptEncoder needs at least one text encoder")
-        if clip_skip is not None:
-            layers = min(e.config.num_hidden_layers for e in (text_encoder, text_encoder_2) if e is not None)
-            deepest = layers - 1 if text_encoder_2 is not None else layers  # SDXL counts from the penultimate layer
-            if not 0 <= clip_skip <= deepest:
-                raise ValueError(f"clip_skip {clip_skip} is out of range; this text encoder allows 0..{deepest}")
+        check_clip_skip(clip_skip, deepest_clip_skip(*(e and e.config for e in (text_encoder, text_encoder_2))))
         if text_encoder_2 is not None and text_encoder_2.text_projection is None:
             raise ValueError("SDXL's text_encoder_2 must have a text_projection (CLIPTextModelWithProjection)")
         self.text_encoder = text_encoder
@@ -63,32 +69,3 @@ class PromptEncoder(nn.Module):
         if self.text_encoder is not None:
             states.insert(0, self.text_encoder(input_ids, hidden_layer=layer).hidden_state)
         return torch.cat(states, dim=-1), out_2.pooled
-
-
-def encode_prompt(
-    prompt: str | list[str],
-    tokenizer: CLIPTokenizer | None,
-    text_encoder: CLIPTextModel | None,
-    tokenizer_2: CLIPTokenizer | None = None,
-    text_encoder_2: CLIPTextModel | None = None,
-    prompt_2: str | list[str] | None = None,
-    clip_skip: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Tokenize and encode a prompt (SDXL: prompt_2 for the second encoder, defaulting to prompt)."""
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    prompts_2 = prompts if prompt_2 is None else ([prompt_2] if isinstance(prompt_2, str) else list(prompt_2))
-    if len(prompts_2) != len(prompts):
-        raise ValueError(f"prompt_2 has {len(prompts_2)} entries but prompt has {len(prompts)}; give as many")
-    if (text_encoder is None) != (tokenizer is None) or (text_encoder_2 is None) != (tokenizer_2 is None):
-        raise ValueError("give each text encoder its tokenizer (tokenizer with text_encoder, tokenizer_2 with _2)")
-    ids = ids_2 = None
-    if text_encoder is not None:
-        ids = tokenizer(prompts).to(_device(text_encoder))
-    if text_encoder_2 is not None:
-        ids_2 = tokenizer_2(prompts_2).to(_device(text_encoder_2))
-    with torch.inference_mode():
-        return PromptEncoder(text_encoder, text_encoder_2, clip_skip)(ids, ids_2)
-
-
-def _device(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device

@@ -5,6 +5,8 @@ conditioning (Podell et al. 2023, https://arxiv.org/abs/2307.01952), laid out as
 that its state_dict keys are exactly diffusers'. What the output means (eps, v, ...) is the scheduler's business.
 """
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -87,9 +89,12 @@ class UNet2DConditionModel(nn.Module):
         text_embeds: torch.Tensor | None = None,
         time_ids: torch.Tensor | None = None,
         timestep_cond: torch.Tensor | None = None,
+        down_block_additional_residuals: Sequence[torch.Tensor] | None = None,
+        mid_block_additional_residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """sample [B, in, H, W], timestep 0-d or [B] (or a number), encoder_hidden_states [B, S, cross_attention_dim];
-        SDXL also text_embeds [B, pooled] and time_ids [B, 6]; LCM optionally timestep_cond [B, time_cond_proj_dim].
+        SDXL also text_embeds [B, pooled] and time_ids [B, 6]; LCM optionally timestep_cond [B, time_cond_proj_dim];
+        a ControlNet's residuals, one per skip and one for the mid block, are added to them (diffusers' names).
         Returns [B, out, H, W]. Any H, W: an upsample lands on its skip's size, as diffusers does for odd sizes."""
         # A number is a convenience (a new tensor each call); a loop that is captured should pass a device tensor.
         if not torch.is_tensor(timestep):
@@ -110,8 +115,16 @@ class UNet2DConditionModel(nn.Module):
         for block in self.down_blocks:
             h, block_skips = block(h, emb, encoder_hidden_states)
             skips.extend(block_skips)
+        if down_block_additional_residuals is not None:
+            if len(down_block_additional_residuals) != len(skips):
+                raise ValueError(
+                    f"{len(down_block_additional_residuals)} down-block residuals for this UNet's {len(skips)} skips"
+                )
+            skips = [s + r for s, r in zip(skips, down_block_additional_residuals, strict=True)]
         if self.mid_block is not None:
             h = self.mid_block(h, emb, encoder_hidden_states)
+        if mid_block_additional_residual is not None:
+            h = h + mid_block_additional_residual
         for block in self.up_blocks:
             k = len(block.resnets)
             block_skips, skips = skips[-k:], skips[:-k]

@@ -100,7 +100,8 @@ class UNetConfig:
             self.addition_time_embed_dim and self.projection_class_embeddings_input_dim
         ):
             raise ValueError(
-                "addition_embed_type 'text_time' needs addition_time_embed_dim and projection_class_embeddings_input_dim "
+                "addition_embed_type 'text_time' needs addition_time_embed_dim and "
+                "projection_class_embeddings_input_dim "
                 f"(got {self.addition_time_embed_dim} and {self.projection_class_embeddings_input_dim})"
             )
 

@@ -133,8 +133,6 @@ def _check_blocks(key: str, types: Sequence[str], allowed: str, n: int) -> None:
 
 PRESETS: dict[str, AutoencoderKLConfig] = {
     "sd": AutoencoderKLConfig(),  # SD1.x and SD2.x share one VAE architecture and scaling factor
-    "sd15": AutoencoderKLConfig(),
-    "sd21": AutoencoderKLConfig(),
     "sdxl": AutoencoderKLConfig(scaling_factor=0.13025),  # same architecture, retrained weights
     # Every structural feature of the real one (shortcut and plain resnets, 3 downsamples, mid attention,
     # quant convs) at a size that runs in milliseconds on a CPU.
@@ -223,7 +221,7 @@ class UpDecoderBlock2D(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Image [B, in_channels, H, W] -> Gaussian parameters [B, 2 * latent_channels, H / f, W / f] (before quant_conv)."""
+    """Image [B, in_channels, H, W] -> Gaussian parameters [B, 2 * latent_channels, H / f, W / f], before quant_conv."""
 
     def __init__(self, config: AutoencoderKLConfig):
         super().__init__()
@@ -268,7 +266,7 @@ class Decoder(nn.Module):
 
 
 class AutoencoderKL(nn.Module):
-    """SD/SDXL VAE; state_dict keys equal diffusers' AutoencoderKL (encoder.*, decoder.*, quant_conv, post_quant_conv)."""
+    """SD/SDXL VAE; state_dict keys equal diffusers' AutoencoderKL's (encoder, decoder, quant_conv, post_quant_conv)."""
 
     def __init__(self, config: AutoencoderKLConfig):
         super().__init__()

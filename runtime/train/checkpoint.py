@@ -191,7 +191,7 @@ def ema_update(target: nn.Module, source: nn.Module, decay: float) -> None:
     """target <- decay * target + (1 - decay) * source for parameters and float buffers (one fused foreach call, as
     timm's ModelEmaV3: a per-tensor loop costs hundreds of kernel launches a step); integer buffers are copied."""
     with torch.no_grad():
-        pairs = list(zip(target.state_dict().values(), source.state_dict().values()))
+        pairs = list(zip(target.state_dict().values(), source.state_dict().values(), strict=True))
         floats = [(t, s) for t, s in pairs if t.is_floating_point()]
         if floats:
             torch._foreach_lerp_([t for t, _ in floats], [s.to(t.dtype) for t, s in floats], 1.0 - decay)

@@ -65,5 +65,5 @@ class CaptionIds:
     def __call__(self, captions: list[str]) -> torch.Tensor:
         new = [c for c in dict.fromkeys(captions) if c not in self.rows]
         if new:
-            self.rows.update(zip(new, self.tokenizer(new).tolist()))
+            self.rows.update(zip(new, self.tokenizer(new).tolist(), strict=True))
         return torch.tensor([self.rows[c] for c in captions], dtype=torch.long)

@@ -81,7 +81,7 @@ def export_pipeline(run: str, out: str, which: str = "student", max_mb: float | 
         "vae": os.path.join(run, "vae", "model"),
         "text_encoder": os.path.join(run, "unet", "text_model"),
     }
-    for name, folder in sources.items():
+    for folder in sources.values():
         if not os.path.isfile(os.path.join(folder, "config.json")):
             stage = os.path.basename(os.path.dirname(folder))
             raise ValueError(f"{folder} does not exist: finish `diffrt train {stage} {run}` first")

@@ -49,7 +49,7 @@ class Judge(nn.Module):
         super().__init__()
         self.config = config
         layers, c_in = [], 3
-        for width, k, stride in zip(config.widths, _KERNELS, _STRIDES):
+        for width, k, stride in zip(config.widths, _KERNELS, _STRIDES, strict=True):
             conv = nn.Conv2d(c_in, width, k, stride, (k - 1) // 2 if k == 3 else 0, bias=False)
             layers += [conv, nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
             c_in = width
@@ -137,7 +137,10 @@ def evaluate(judge: Judge, count: int, split: str = "all", start: int = EVAL_SEE
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Noise, blur and brightness jitter of the kind a decoder leaves, never enough to change a color's name."""
     n = x.shape[0]
-    rand = lambda *s: torch.rand(*s, generator=generator)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=generator)
+
     blur = torch.tensor([1.0, 2.0, 1.0]) / 4
     kernel = (blur[:, None] * blur[None, :]).expand(3, 1, 3, 3)
     blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, groups=3)

@@ -13,13 +13,13 @@ of the trained UNet into a 1-4 step student, following diffusers' examples/consi
 """
 
 import copy
-import math
 import os
 
 import numpy as np
 import torch
 
 from diffrt.loading import load_model
+from diffrt.models.embeddings import guidance_scale_embedding
 from diffrt.models.unet import UNet2DConditionModel, UNetConfig
 from diffrt.schedules import SchedulerConfig, alphas_cumprod
 from diffrt.tokenizer import CLIPTokenizer
@@ -28,16 +28,6 @@ from diffrt.train.data import CaptionIds
 from diffrt.train.export import read_component, save_component
 from diffrt.train.recipes import LCM_TIME_COND_DIM, NOISE_SCHEDULE, StageSettings
 from diffrt.train.unet import frozen, latent_batches, noised
-
-
-def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding of w * 1000, per sample (diffusers' guidance_scale_embedding; the pipelines pass
-    w = guidance_scale - 1)."""
-    half = dim // 2
-    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device) * -(math.log(10000.0) / (half - 1)))
-    emb = (w.float() * 1000.0)[:, None] * freqs[None, :]
-    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
-    return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 == 1 else emb
 
 
 def boundary_scalings(t: torch.Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0):
@@ -98,7 +88,7 @@ def train_lcm(run: str, s: StageSettings, device="cpu", workers=0, max_seconds=N
         t_start, t_prev = starts[index], prevs[index]
         noise = torch.randn(z.shape, generator=gen, device=device)
         w = x["w_min"] + (x["w_max"] - x["w_min"]) * torch.rand(n, generator=gen, device=device)
-        w_emb = guidance_embedding(w, LCM_TIME_COND_DIM)
+        w_emb = guidance_scale_embedding(w, LCM_TIME_COND_DIM)
         x_start = noised(z, t_start, noise, ac)
         a_start, a_prev = ac[t_start].view(-1, 1, 1, 1), ac[t_prev].view(-1, 1, 1, 1)
         c_skip_start, c_out_start = boundary_scalings(t_start)

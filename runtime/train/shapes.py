@@ -97,22 +97,11 @@ def label_indices(labels: Labels) -> list[int]:
     return [HEADS[h].index(values[h]) for h in HEADS]
 
 
-def labels_from_indices(indices) -> Labels:
-    """Inverse of `label_indices` for a consistent prediction; an inconsistent one (a one-shape layout with a second
-    shape, ...) still yields Labels that simply differ from any caption's."""
-    v = {h: HEADS[h][int(i)] for h, i in zip(HEADS, indices)}
-    two = v["layout"] in RELATIONS
-    colors = (v["color1"], v["color2"]) if two else (v["color1"],)
-    shapes = (v["shape1"], v["shape2"]) if two else (v["shape1"],)
-    size = None if v["size"] == "none" else v["size"]
-    return Labels(v["layout"], colors, shapes, v["background"], size)
-
-
 def caption(labels: Labels) -> str:
     if labels.count == 1:
         thing = f"a {labels.size} {labels.colors[0]} {labels.shapes[0]} {_POSITION_WORDS[labels.layout]}"
     else:
-        first, second = (f"{_article(c)} {c} {s}" for c, s in zip(labels.colors, labels.shapes))
+        first, second = (f"{_article(c)} {c} {s}" for c, s in zip(labels.colors, labels.shapes, strict=True))
         thing = f"{first} {_RELATION_WORDS[labels.layout]} {second}"
     return f"{thing}, {labels.background} background"
 
@@ -146,14 +135,15 @@ def _noun_phrase(phrase: str, text: str) -> tuple[str, str]:
     parts = phrase.split(" ")
     if len(parts) != 3 or parts[0] != _article(parts[1]) or parts[1] not in COLORS or parts[2] not in SHAPES:
         raise ValueError(
-            f"caption {text!r}: {phrase!r} is not 'a COLOR SHAPE' ('an' before a vowel; colors {COLORS}, shapes {SHAPES})"
+            f"caption {text!r}: {phrase!r} is not 'a COLOR SHAPE' ('an' before a vowel; colors {COLORS}, "
+            f"shapes {SHAPES})"
         )
     return parts[1], parts[2]
 
 
 def is_held_out(labels: Labels) -> bool:
     """True when any shape of the sample has a held-out (color, shape) pair."""
-    return any(pair in HELD_OUT_PAIRS for pair in zip(labels.colors, labels.shapes))
+    return any(pair in HELD_OUT_PAIRS for pair in zip(labels.colors, labels.shapes, strict=True))
 
 
 def draw_labels(rng: random.Random, split: str = "train") -> Labels:
@@ -245,7 +235,7 @@ def _polygon(shape: str, x: float, y: float, r: float, angle: float) -> list[tup
         angle -= math.pi / 2
     theta = angle + np.arange(k) * (2 * math.pi / k)
     rad = np.resize(np.asarray(radii), k)
-    return list(zip((x + rad * np.cos(theta)).tolist(), (y + rad * np.sin(theta)).tolist()))
+    return list(zip((x + rad * np.cos(theta)).tolist(), (y + rad * np.sin(theta)).tolist(), strict=True))
 
 
 def render(labels: Labels, rng: random.Random, size: int = 64) -> np.ndarray:
@@ -255,7 +245,7 @@ def render(labels: Labels, rng: random.Random, size: int = 64) -> np.ndarray:
     big = size * SUPERSAMPLE
     image = Image.new("RGB", (big, big), PALETTE[labels.background])
     draw = ImageDraw.Draw(image)
-    for (x, y, r), color, shape in zip(_placements(labels, rng), labels.colors, labels.shapes):
+    for (x, y, r), color, shape in zip(_placements(labels, rng), labels.colors, labels.shapes, strict=True):
         x, y, r = x * big, y * big, r * big
         angle = math.radians(rng.uniform(-12, 12))
         fill = PALETTE[color]

@@ -34,7 +34,7 @@ def ema_decay(step: int, decay: float) -> float:
 def drop_captions(captions: list[str], p: float, generator: torch.Generator) -> list[str]:
     """Replace a share p of captions by "" (the draws come from a CPU generator: reading GPU draws back would sync)."""
     drop = torch.rand(len(captions), generator=generator).tolist()
-    return ["" if d < p else c for c, d in zip(captions, drop)]
+    return ["" if d < p else c for c, d in zip(captions, drop, strict=True)]
 
 
 def noised(z: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, ac: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from tests.ldm_keys import clip_to_ldm, clip_to_open_clip, unet_to_ldm, vae_to_ldm
+from tests.helpers.ldm_keys import clip_to_ldm, clip_to_open_clip, unet_to_ldm, vae_to_ldm
 
 CLIP_L = {
     "hidden_size": 64,
