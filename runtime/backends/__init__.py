@@ -32,6 +32,11 @@ class Backend(Protocol):
 BACKENDS = ("torch", "triton")
 
 
+def default_backend(device: "str | torch.device") -> str:
+    """The backend a pipeline on `device` gets when none is named: the fastest one that runs there."""
+    return "torch"
+
+
 def make_backend(backend: "str | Backend") -> "Backend":
     """A backend by name (BACKENDS), or the given backend object itself."""
     if not isinstance(backend, str):
