@@ -40,7 +40,8 @@ def add_parser(subparsers) -> None:
                    help="override the model's (an SD2 single file does not say; v is assumed)")  # fmt: skip
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on CUDA, float32 on CPU")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--backend", choices=BACKENDS, default="torch", help="triton: fused kernels (CUDA)")
+    p.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="default: cuda-graph on a GPU (generations replayed from CUDA graphs), else torch")  # fmt: skip
     p.add_argument("--no-memory-check", action="store_true",
                    help="run even when the estimated memory exceeds what the device has free")  # fmt: skip
     p.add_argument("--variant", default=None, help='weight file variant, e.g. "fp16"')
@@ -98,14 +99,14 @@ def run_generate(args: argparse.Namespace) -> int:
     import torch
 
     from diffrt.assembly import open_model
-    from diffrt.backends import make_backend
+    from diffrt.backends import default_backend, make_backend
     from diffrt.request import GenerationRequest, resolve_request
 
     # 1. What needs no model: the output path and the init image.
     check_output(args.output)
     init = open_init_image(args.init_image)
-    backend = make_backend(args.backend)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    backend = make_backend(args.backend or default_backend(device))
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
     # 2. Describe the model (configs and tokenizers; no weights are read) and check the whole request against it.
     model = args.model or DEFAULT_MODEL

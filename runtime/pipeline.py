@@ -10,7 +10,7 @@ import os
 import torch
 from PIL import Image
 
-from diffrt.backends import Backend, make_backend
+from diffrt.backends import Backend, default_backend, make_backend
 from diffrt.components import Components
 from diffrt.images import to_output
 from diffrt.model_spec import ModelSpec, spec_of
@@ -39,7 +39,7 @@ class Pipeline:
         self.spec, self.tokenizers, self.roles, self.backend = spec, tokenizers, roles, backend
         self.device, self.dtype = torch.device(device), dtype
         self.components = components  # the torch modules behind the roles, where there are any
-        self._prompt_cache = PromptCache(prompt_cache_size)
+        self.prompt_cache = PromptCache(prompt_cache_size)
 
     @classmethod
     def from_pretrained(
@@ -52,21 +52,21 @@ class Pipeline:
         allow_pickle: bool = False,
         tokenizer: str | None = None,
         prediction_type: str | None = None,
-        backend: "str | Backend" = "torch",
+        backend: "str | Backend | None" = None,
         seed: int = 0,
     ) -> "Pipeline":
         """From a diffusers pipeline folder, a single-file checkpoint (with `tokenizer=` folder(s), since such a
         file carries none), or a preset name (`diffrt.presets.PRESETS`: real architectures, random weights seeded
         with `seed`). prediction_type overrides the scheduler config's ("epsilon" / "v_prediction"): an SD2 single
         file does not say which it was trained for (v is assumed, as diffusers does; SD2-base and SD-Turbo need
-        "epsilon"). backend: "torch" or "triton" (diffrt.backends.BACKENDS), or a backend object; it is this
-        pipeline's own."""
+        "epsilon"). backend: a name in diffrt.backends.BACKENDS or a backend object, this pipeline's own; default:
+        cuda-graph on a GPU, torch elsewhere."""
         from diffrt.assembly import open_model
 
-        backend = make_backend(backend)  # first: an unknown backend fails before any loading
+        backend = make_backend(backend or default_backend(device))  # first: an unknown one fails before loading
         source = open_model(path_or_preset, variant=variant, allow_pickle=allow_pickle, tokenizer=tokenizer,
                             prediction_type=prediction_type, seed=seed)  # fmt: skip
-        return cls.from_components(source.components(), device=device, dtype=dtype, backend=backend)
+        return cls.from_components(source.components(device), device=device, dtype=dtype, backend=backend)
 
     @classmethod
     def from_components(
@@ -75,10 +75,11 @@ class Pipeline:
         *,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
-        backend: "str | Backend" = "torch",
+        backend: "str | Backend | None" = None,
     ) -> "Pipeline":
         """Own `components` (moved to device and dtype; the backend sets their kernels) and run them on `backend`."""
-        backend, device = make_backend(backend), torch.device(device)
+        device = torch.device(device)
+        backend = make_backend(backend or default_backend(device))
         spec = spec_of(components)
         for name, module in components.modules().items():
             # The SDXL VAE overflows in fp16: it runs in fp32, as diffusers' SDXL pipelines upcast it.
@@ -105,7 +106,7 @@ class Pipeline:
             with torch.inference_mode():
                 return self.roles.text_encoder(ids, ids_2, clip_skip)
 
-        return self._prompt_cache.get((tuple(prompts), clip_skip), encode)
+        return self.prompt_cache.get((tuple(prompts), clip_skip), encode)
 
     def resolve(self, request: GenerationRequest) -> GenerationRequest:
         """The request with the model's defaults filled in; ValueError naming each mistake if it cannot run."""

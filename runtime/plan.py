@@ -39,7 +39,7 @@ class GenerationPlan:
     @property
     def bucket(self) -> tuple:
         """What fixes a CUDA graph of this plan: shapes, schedule and whether there is an unconditional batch."""
-        return (tuple(self.latents.shape), self.sampler.name, self.schedule.timesteps, self.guidance_scale is not None,
+        return (tuple(self.latents.shape), self.sampler.name, self.schedule, self.guidance_scale is not None,
                 tuple(sorted(self.options.items())))  # fmt: skip
 
 
