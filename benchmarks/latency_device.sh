@@ -19,12 +19,12 @@ stage() { local name=$1 limit=$2; shift 2; local t0=$SECONDS
 C=${COMMIT:-unknown}
 case $PHASE in
 check)
-  stage gpu_tests 170 python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_cuda_graph.py tests/test_backends.py tests/test_samplers.py tests/test_attention.py
+  stage gpu_tests 160 python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_cuda_graph.py tests/test_backends.py tests/test_samplers.py tests/test_attention.py
   grep -E "max abs|passed|failed|Error" "$OUT/gpu_tests.log" | tail -n 25
-  stage first_cold 120 python3 benchmarks/first_image.py --arch sd21 --cache-dir /tmp/diffrt-cache --commit "$C" --out "$OUT/first_image_cold.json"
-  stage first_warm 60 python3 benchmarks/first_image.py --arch sd21 --cache-dir /tmp/diffrt-cache --commit "$C" --out "$OUT/first_image_warm.json"
+  stage first_cold 110 python3 benchmarks/first_image.py --arch sd21 --cache-dir /tmp/diffrt-cache --commit "$C" --out "$OUT/first_image_cold.json"
+  stage first_warm 50 python3 benchmarks/first_image.py --arch sd21 --cache-dir /tmp/diffrt-cache --commit "$C" --out "$OUT/first_image_warm.json"
   export TRITON_CACHE_DIR=/tmp/diffrt-cache
-  stage latency 250 python3 benchmarks/latency.py --archs sd21 --sizes 512 --peers eager,compile --runs "1 step,LCM 4 steps" --budget-s 230 --commit "$C" --out "$OUT/latency_check.json"
+  stage latency 215 python3 benchmarks/latency.py --archs sd21 --sizes 512 --peers eager,compile --runs "1 step,LCM 4 steps" --budget-s 190 --commit "$C" --out "$OUT/latency_check.json"
   ;;
 sd21|sdxl|sd15)
   export TRITON_CACHE_DIR=/tmp/diffrt-cache

@@ -61,7 +61,7 @@ def diffusers_pipeline(ours: Pipeline, arch: str):
     from transformers import CLIPTokenizer
 
     c = ours.components
-    with torch.device("cuda"):  # random init on the GPU (fast), then our weights
+    with ours.device:  # random init where the weights go (fast on a GPU), then our weights
         unet = diffusers.UNet2DConditionModel(**UNET_CONFIGS[arch])
         unet.load_state_dict(c.unet.state_dict())
         vae = _vae(c.vae)
