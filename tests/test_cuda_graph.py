@@ -110,3 +110,26 @@ def test_two_graph_pipelines_interleave_on_one_device(pipes):
     for _ in range(3):
         np.testing.assert_array_equal(a(PROMPT, **kw), first[0])
         np.testing.assert_array_equal(b(PROMPT, **kw), first[1])
+
+
+def test_bench_says_what_it_needs(capsys):
+    from diffrt.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("the refusal is for machines without a GPU")
+    assert main(["bench", "--sizes", "512"]) == 2
+    assert "needs a CUDA GPU; this machine has none" in capsys.readouterr().err
+    assert main(["bench", "--runs", "2 steps"]) == 2
+    assert "unknown run(s) ['2 steps']; choose from: 1 step, LCM 4 steps, 25 steps CFG" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@gpu
+def test_bench_prints_the_table_for_the_embedded_model(capsys, tmp_path):
+    from diffrt.cli import main
+
+    assert main(["bench", "--sizes", "64,128", "--runs", "1 step,LCM 4 steps", "--json", str(tmp_path / "b.json")]) == 0
+    out = capsys.readouterr().out
+    for what in ("text_encoder", "unet_step", "decode", "end to end, 1 step", "end to end, LCM 4 steps"):
+        assert what in out, out
+    assert len(__import__("json").loads((tmp_path / "b.json").read_text())) == 2 * 5
