@@ -14,7 +14,7 @@ from diffrt.backends import Backend, default_backend, make_backend
 from diffrt.components import Components
 from diffrt.images import to_output
 from diffrt.model_spec import ModelSpec, spec_of
-from diffrt.plan import GenerationPlan, make_plan
+from diffrt.plan import GenerationPlan, make_plan, to_device_no_sync
 from diffrt.prompt_cache import PromptCache
 from diffrt.request import GenerationRequest, GenerationResult, resolve_request
 from diffrt.roles import Roles
@@ -101,8 +101,8 @@ class Pipeline:
 
         def encode():
             tokenizer, tokenizer_2 = self.tokenizers
-            ids = tokenizer(prompts).to(self.device) if tokenizer is not None else None
-            ids_2 = tokenizer_2(prompts).to(self.device) if tokenizer_2 is not None else None
+            ids = to_device_no_sync(tokenizer(prompts), self.device) if tokenizer is not None else None
+            ids_2 = to_device_no_sync(tokenizer_2(prompts), self.device) if tokenizer_2 is not None else None
             with torch.inference_mode():
                 return self.roles.text_encoder(ids, ids_2, clip_skip)
 

@@ -5,6 +5,7 @@
 runs a plan however it likes (eagerly, replayed from a CUDA graph); the result must be the same.
 """
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -63,7 +64,7 @@ def make_plan(
 
     seed = r.seed
     if generator is None:
-        seed = int(torch.randint(0, 2**31, ())) if seed is None else seed
+        seed = random.getrandbits(31) if seed is None else seed  # host-only: no torch op before the device work
         generator = torch.Generator(device).manual_seed(seed)
     else:
         seed = None  # a caller's generator: its seed (and state) are the caller's
@@ -142,12 +143,20 @@ def _conditioning(
     if spec.sdxl:
         size = (r.height, r.width)
         ids = [*(r.original_size or size), *r.crops_coords_top_left, *(r.target_size or size)]
-        fields["time_ids"] = torch.tensor([ids], device=device, dtype=dtype).repeat(embeds.shape[0], 1)
+        time_ids = to_device_no_sync(torch.tensor([ids], dtype=dtype), device)
+        fields["time_ids"] = time_ids.repeat(embeds.shape[0], 1)
         fields["text_embeds"] = pooled.to(dtype)
     if spec.guidance_embedding_dim is not None:  # LCM: w - 1 embedded (Luo et al. 2023, Sec. 4.3), no CFG batch
         w = guidance_scale_embedding(torch.full((n,), r.guidance_scale - 1), spec.guidance_embedding_dim)
-        fields["timestep_cond"] = w.to(device, dtype)
+        fields["timestep_cond"] = to_device_no_sync(w.to(dtype), device)
     return Conditioning(**fields)
+
+
+def to_device_no_sync(t: Tensor, device: torch.device) -> Tensor:
+    """Host data to `device`; to a GPU through pinned memory, so the copy waits for no earlier GPU work."""
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _repeat(t: Tensor | None, batch: int) -> Tensor | None:

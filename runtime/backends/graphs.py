@@ -8,22 +8,32 @@ finish before another starts. Cloning the outputs also means a caller never hold
 """
 
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 _pools: dict[torch.device, tuple] = {}
+_live: dict[tuple, int] = {}  # graphs alive per pool: a pool whose graphs are all gone must not be captured into again
 _locks: dict[torch.device, threading.RLock] = {}
 _registry_lock = threading.Lock()
 
 
-def device_pool(device: torch.device) -> tuple:
-    """The memory pool every graph on `device` captures into."""
+def _acquire_pool(device: torch.device) -> tuple:
+    """The memory pool every live graph on `device` shares; a fresh one once the last graph of the old one is gone
+    (torch frees a pool with its last graph, and refuses captures into it afterwards)."""
     with _registry_lock:
-        if device not in _pools:
-            _pools[device] = torch.cuda.graph_pool_handle()
-        return _pools[device]
+        pool = _pools.get(device)
+        if pool is None or _live.get(pool, 0) == 0:
+            pool = _pools[device] = torch.cuda.graph_pool_handle()
+        _live[pool] = _live.get(pool, 0) + 1
+        return pool
+
+
+def _release_pool(pool: tuple) -> None:
+    with _registry_lock:
+        _live[pool] -= 1
 
 
 def device_lock(device: torch.device) -> threading.RLock:
@@ -43,6 +53,8 @@ class CapturedCall:
 
     def __init__(self, fn: Callable[[], Sequence[Tensor]], device: torch.device) -> None:
         self.device = device
+        # The graph reads every tensor fn's closure holds (timestep tables, static buffers): they live as long as it.
+        self.fn = fn
         with device_lock(device):
             before = torch.cuda.memory_reserved(device)
             side = torch.cuda.Stream(device)
@@ -51,7 +63,9 @@ class CapturedCall:
                 fn()
             torch.cuda.current_stream(device).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=device_pool(device)):
+            pool = _acquire_pool(device)
+            weakref.finalize(self, _release_pool, pool)
+            with torch.cuda.graph(self.graph, pool=pool):
                 self.outputs = tuple(fn())
             torch.cuda.synchronize(device)
             self.pool_bytes = torch.cuda.memory_reserved(device) - before  # what capturing this graph added
