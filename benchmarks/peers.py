@@ -76,9 +76,9 @@ def diffusers_pipeline(ours: Pipeline, arch: str):
     else:
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipe = diffusers.StableDiffusionPipeline(**kwargs)
+    # fp16 throughout: diffusers' SDXL pipeline upcasts its VAE to fp32 around each decode itself (force_upcast), as
+    # diffrt runs that VAE in fp32.
     pipe = pipe.to(device=ours.device, dtype=ours.dtype)
-    if arch == "sdxl" and ours.dtype == torch.float16:
-        pipe.vae.to(torch.float32)  # upcast as diffusers' SDXL pipeline does (and diffrt)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -128,9 +128,10 @@ def components(pipe, batch: int, height: int, width: int, cfg: bool, repeats: in
     x = torch.randn(unet_batch, 4, height // 8, width // 8, device=device, dtype=dtype)
     t = torch.tensor(999.0, device=device)
     with torch.inference_mode():
-        embeds = pipe.encode_prompt(PROMPT, device, unet_batch, False)[0]
         added = None
-        if hasattr(pipe, "text_encoder_2"):
+        if not hasattr(pipe, "text_encoder_2"):
+            embeds = pipe.encode_prompt(PROMPT, device, unet_batch, False)[0]
+        else:
             embeds, _, pooled, _ = pipe.encode_prompt(PROMPT, None, device, unet_batch, False)
             time_ids = torch.tensor([[height, width, 0, 0, height, width]] * unet_batch, device=device, dtype=dtype)
             added = {"text_embeds": pooled, "time_ids": time_ids}

@@ -16,7 +16,7 @@ from diffrt.images import to_output
 from diffrt.model_spec import ModelSpec, spec_of
 from diffrt.plan import GenerationPlan, make_plan, to_device_no_sync
 from diffrt.prompt_cache import PromptCache
-from diffrt.request import GenerationRequest, GenerationResult, resolve_request
+from diffrt.request import GenerationRequest, GenerationResult, memory_key, resolve_request
 from diffrt.roles import Roles
 from diffrt.samplers import Callback
 from diffrt.tokenizer import CLIPTokenizer
@@ -40,6 +40,7 @@ class Pipeline:
         self.device, self.dtype = torch.device(device), dtype
         self.components = components  # the torch modules behind the roles, where there are any
         self.prompt_cache = PromptCache(prompt_cache_size)
+        self._ran: set[tuple] = set()  # memory_keys of requests that ran: they fit, no need to estimate again
 
     @classmethod
     def from_pretrained(
@@ -110,7 +111,8 @@ class Pipeline:
 
     def resolve(self, request: GenerationRequest) -> GenerationRequest:
         """The request with the model's defaults filled in; ValueError naming each mistake if it cannot run."""
-        return resolve_request(request, self.spec, device=self.device, dtype=self.dtype, weights_resident=True)
+        return resolve_request(request, self.spec, device=self.device, dtype=self.dtype, weights_resident=True,
+                               known_to_fit=self._ran)  # fmt: skip
 
     def plan(self, request: GenerationRequest, generator: torch.Generator | None = None) -> GenerationPlan:
         """The host's part of a resolved request: schedule, conditioning, seed and starting latents."""
@@ -129,6 +131,7 @@ class Pipeline:
         plan = self.plan(request, generator)
         # 3. Run the plan on the device, with no host sync: the sampler loop, then the decode.
         images, latents = self.backend.run(plan, self.roles, callback)
+        self._ran.add(memory_key(request, self.spec))
         # 4. Post-process into the requested output type (the device-to-host copy happens here).
         return GenerationResult(to_output(images, request.output_type), latents, plan.seed)
 

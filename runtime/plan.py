@@ -160,5 +160,8 @@ def to_device_no_sync(t: Tensor, device: torch.device) -> Tensor:
 
 
 def _repeat(t: Tensor | None, batch: int) -> Tensor | None:
-    """[P, ...] -> [P * batch, ...], each prompt's copies together (diffusers' num_images_per_prompt order)."""
-    return None if t is None else t.repeat_interleave(batch, dim=0)
+    """[P, ...] -> [P * batch, ...], each prompt's copies together (diffusers' num_images_per_prompt order), as an
+    expand and a copy: no output-size computation on the device to wait for."""
+    if t is None or batch == 1:
+        return t
+    return t.unsqueeze(1).expand(t.shape[0], batch, *t.shape[1:]).reshape(t.shape[0] * batch, *t.shape[1:])

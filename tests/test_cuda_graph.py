@@ -96,7 +96,7 @@ def test_buckets_are_reused_bounded_and_reported(pipes):
     pipe(PROMPT, height=128, width=64, guidance_scale=3.0, **kw)
     pipe(PROMPT, height=64, width=128, guidance_scale=3.0, **kw)
     rows = backend.buckets()
-    assert [r["latents"] for r in rows] == [(2, 4, 16, 8), (2, 4, 8, 16)]  # CFG doubles the batch; oldest evicted
+    assert [r["latents"] for r in rows] == [(1, 4, 16, 8), (1, 4, 8, 16)]  # the oldest bucket was evicted
     assert all(r["pool_bytes"] >= 0 and r["static_bytes"] > 0 for r in rows)
 
 
@@ -133,3 +133,19 @@ def test_bench_prints_the_table_for_the_embedded_model(capsys, tmp_path):
     for what in ("text_encoder", "unet_step", "decode", "end to end, 1 step", "end to end, LCM 4 steps"):
         assert what in out, out
     assert len(__import__("json").loads((tmp_path / "b.json").read_text())) == 2 * 5
+
+
+@pytest.mark.gpu
+@gpu
+def test_a_replayed_generation_waits_for_nothing(pipes):
+    """Once a bucket is captured, a call (text encoder included) issues no synchronizing CUDA call."""
+    pipe = pipes["tiny-sdxl"]["graph"]
+    kw = {"steps": 2, "sampler": "lcm", "output_type": "pt", "seed": 4, "height": 64, "width": 64}
+    pipe(PROMPT, **kw)
+    pipe.prompt_cache.clear()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pipe(PROMPT, **kw)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
