@@ -6,6 +6,7 @@ step (tests/test_pipeline.py holds it to that), so the same weights, latents and
 """
 
 import os
+from dataclasses import replace
 
 import torch
 from PIL import Image
@@ -54,19 +55,23 @@ class Pipeline:
         prediction_type: str | None = None,
         backend: "str | Backend" = "torch",
         seed: int = 0,
+        controlnet: "str | os.PathLike | list | None" = None,
     ) -> "Pipeline":
         """From a diffusers pipeline folder, a single-file checkpoint (with `tokenizer=` folder(s), since such a
         file carries none), or a preset name (`diffrt.presets.PRESETS`: real architectures, random weights seeded
         with `seed`). prediction_type overrides the scheduler config's ("epsilon" / "v_prediction"): an SD2 single
         file does not say which it was trained for (v is assumed, as diffusers does; SD2-base and SD-Turbo need
         "epsilon"). backend: "torch" or "triton" (diffrt.backends.BACKENDS), or a backend object; it is this
-        pipeline's own."""
+        pipeline's own. controlnet: a ControlNet path (or a list of them) to add (`load_controlnet`)."""
         from diffrt.assembly import open_model
 
         backend = make_backend(backend)  # first: an unknown backend fails before any loading
         source = open_model(path_or_preset, variant=variant, allow_pickle=allow_pickle, tokenizer=tokenizer,
                             prediction_type=prediction_type, seed=seed)  # fmt: skip
-        return cls.from_components(source.components(), device=device, dtype=dtype, backend=backend)
+        pipe = cls.from_components(source.components(), device=device, dtype=dtype, backend=backend)
+        for path in [] if controlnet is None else controlnet if isinstance(controlnet, list) else [controlnet]:
+            pipe.load_controlnet(path, allow_pickle=allow_pickle)
+        return pipe
 
     @classmethod
     def from_components(
@@ -86,6 +91,24 @@ class Pipeline:
             module.to(device=device, dtype=torch.float32 if upcast else dtype).eval().requires_grad_(False)
         roles = backend.roles(components, dtype)
         return cls(spec, (components.tokenizer, components.tokenizer_2), roles, backend, device, dtype, components)
+
+    def load_controlnet(self, path_or_module: "str | os.PathLike | torch.nn.Module", allow_pickle: bool = False) -> int:
+        """Add a ControlNet (a diffusers folder, a single file, or a ControlNetModel); returns its index. Requests
+        then give one control image per ControlNet, in the order they were added."""
+        from diffrt.loading.controlnet import check_fits, load_controlnet
+
+        if isinstance(path_or_module, torch.nn.Module):
+            module, source = path_or_module, type(path_or_module).__name__
+        else:
+            unet_config = self.components.unet.config
+            module = load_controlnet(path_or_module, allow_pickle=allow_pickle, unet_config=unet_config)
+            source = os.fspath(path_or_module)
+        check_fits(module, self.components.unet, source)
+        module.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        self.components.controlnets.append(module)
+        self.roles = self.backend.roles(self.components, self.dtype)
+        self.spec = replace(self.spec, controlnets=len(self.components.controlnets))
+        return len(self.components.controlnets) - 1
 
     @property
     def vae_scale(self) -> int:
@@ -156,6 +179,10 @@ class Pipeline:
         callback: Callback | None = None,
         eta: float | None = None,
         check_memory: bool = True,
+        control_image=None,
+        controlnet_conditioning_scale: float | list[float] = 1.0,
+        control_guidance_start: float | list[float] = 0.0,
+        control_guidance_end: float | list[float] = 1.0,
     ):
         """Generate `batch` images per prompt; the fields are GenerationRequest's (diffrt.request).
 
@@ -167,7 +194,9 @@ class Pipeline:
             guidance_scale=guidance_scale, eta=eta, seed=seed, batch=batch, image=image, strength=strength,
             latents=latents, clip_skip=clip_skip, original_size=original_size,
             crops_coords_top_left=crops_coords_top_left, target_size=target_size, output_type=output_type,
-            check_memory=check_memory,
+            check_memory=check_memory, control_image=control_image,
+            controlnet_conditioning_scale=controlnet_conditioning_scale,
+            control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
         )  # fmt: skip
         result = self.generate(request, generator=generator, callback=callback)
         return (result.images, result.latents) if return_latents else result.images
