@@ -22,6 +22,8 @@ from diffrt.roles import Roles
 from diffrt.samplers import Callback
 from diffrt.tokenizer import CLIPTokenizer
 
+LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
 
 class Pipeline:
     """A loaded diffusion model ready to generate. Build it with `Pipeline.from_pretrained`."""
@@ -41,6 +43,7 @@ class Pipeline:
         self.device, self.dtype = torch.device(device), dtype
         self.components = components  # the torch modules behind the roles, where there are any
         self._prompt_cache = PromptCache(prompt_cache_size)
+        self._loras = None  # diffrt.lora.LoRAWeights, made by the first load_lora
 
     @classmethod
     def from_pretrained(
@@ -109,6 +112,49 @@ class Pipeline:
         self.roles = self.backend.roles(self.components, self.dtype)
         self.spec = replace(self.spec, controlnets=len(self.components.controlnets))
         return len(self.components.controlnets) - 1
+
+    def load_lora(
+        self, path: str | os.PathLike, scale: float = 1.0, name: str | None = None, allow_pickle: bool = False
+    ) -> str:
+        """Fuse a LoRA file (diffusers/PEFT or kohya/A1111 layout; UNet and text encoders) into the weights in place,
+        at `scale`, beside those already loaded; returns its name (default: the file's stem), which `unload_lora`
+        and `set_lora_scale` take. Loading a name again replaces that LoRA. Costs nothing per step, keeps captured
+        graphs valid (the same tensors hold the new weights) and clears the prompt cache when a text encoder
+        changed. Not to be called while this pipeline is generating."""
+        from diffrt.loading.lora import read_lora
+        from diffrt.lora import LoRAWeights, match_lora
+
+        if self.components is None:
+            raise ValueError(f"backend {self.backend.name!r} runs no torch modules; LoRA needs their weights")
+        lora = read_lora(path, allow_pickle=allow_pickle)
+        layers = match_lora(lora, {n: m for n, m in self.components.modules().items() if n in LORA_COMPONENTS})
+        if self._loras is None:
+            self._loras = LoRAWeights(self.components.modules())
+        name = name or os.path.splitext(os.path.basename(lora.path))[0]
+        self._weights_changed(self._loras.add(name, lora.path, layers, scale))
+        return name
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        """Change a loaded LoRA's scale (its layers are fused again from the original weights)."""
+        self._weights_changed(self._require_loras().set_scale(name, scale))
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Take a LoRA out (None: all); the weights no LoRA touches any more are the original ones, bit for bit."""
+        self._weights_changed(self._require_loras().remove(name))
+
+    @property
+    def loras(self) -> dict[str, float]:
+        """The loaded LoRAs' names and scales."""
+        return {} if self._loras is None else {n: lora.scale for n, lora in self._loras.loaded.items()}
+
+    def _require_loras(self):
+        if self._loras is None:
+            raise ValueError("no LoRA is loaded; load one with pipe.load_lora(PATH)")
+        return self._loras
+
+    def _weights_changed(self, components: set[str]) -> None:
+        if components & {"text_encoder", "text_encoder_2"}:
+            self._prompt_cache.clear()  # cached embeddings came from the old text encoder weights
 
     @property
     def vae_scale(self) -> int:

@@ -64,13 +64,6 @@ def _check_class(config: dict, where: str) -> None:
         raise CheckpointError(f"{where}: config is for {name!r}, not a {CLASS}")
 
 
-def family_of(config) -> str:
-    """ "sd1" / "sd2" / "sdxl" of a UNetConfig (a UNet's, or a ControlNet's encoder), by the families' structure."""
-    if config.addition_embed_type == "text_time":
-        return "sdxl"
-    return "sd2" if config.use_linear_projection else "sd1"
-
-
 def check_fits(controlnet: torch.nn.Module, unet: torch.nn.Module, source: str = "ControlNet") -> None:
     """ValueError unless the ControlNet's residuals fit the UNet's skips (and it reads the same conditioning)."""
     a, b = controlnet.config.unet, unet.config
@@ -78,7 +71,7 @@ def check_fits(controlnet: torch.nn.Module, unet: torch.nn.Module, source: str =
               "projection_class_embeddings_input_dim")  # fmt: skip
     diff = [f"{f} {getattr(a, f)} vs {getattr(b, f)}" for f in fields if getattr(a, f) != getattr(b, f)]
     if diff:
-        ours, theirs = FAMILY_NAMES[family_of(a)], FAMILY_NAMES[family_of(b)]
+        ours, theirs = FAMILY_NAMES[a.family], FAMILY_NAMES[b.family]
         raise ValueError(
             f"{source} does not fit this model's UNet ({'; '.join(diff)}): it is a {ours} ControlNet "
             f"(cross-attention width {a.cross_attention_dim}) and the model is {theirs}"
