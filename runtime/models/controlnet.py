@@ -163,6 +163,8 @@ def controlnet_from_unet(unet: nn.Module, conditioning_channels: int = 3, channe
     """A ControlNet initialised as its paper does: the UNet's encoder weights copied, the output convs and the
     control image's last conv zero (so it starts as the bare UNet). Returns (module, diffusers config dict)."""
     c = unet.config
+    if len(set(c.layers_per_block)) != 1:
+        raise ValueError(f"layers_per_block {c.layers_per_block}: a ControlNet has one res-block count for all levels")
     config = {
         "_class_name": "ControlNetModel",
         "in_channels": c.in_channels,
@@ -170,7 +172,7 @@ def controlnet_from_unet(unet: nn.Module, conditioning_channels: int = 3, channe
         "down_block_types": list(c.down_block_types),
         "mid_block_type": c.mid_block_type,
         "block_out_channels": list(c.block_out_channels),
-        "layers_per_block": list(c.layers_per_block),
+        "layers_per_block": c.layers_per_block[0],  # diffusers' ControlNetModel takes one count for every level
         "transformer_layers_per_block": [d if isinstance(d, int) else list(d) for d in c.transformer_layers_per_block],
         "attention_head_dim": list(c.num_attention_heads),
         "cross_attention_dim": c.cross_attention_dim,
