@@ -160,8 +160,9 @@ class LoRAWeights:
     def _apply(self, keys: set[Key]) -> set[str]:
         for key in keys:
             weight = self._module(key).weight
-            if key not in self.originals:
-                self.originals[key] = weight.detach().to("cpu", copy=True)
+            if key not in self.originals:  # pinned when the weight is on a GPU: the copies back are DMA transfers
+                original = weight.detach().to("cpu", copy=True)
+                self.originals[key] = original.pin_memory() if weight.is_cuda else original
             parts = [(lora.layers[key], lora.scale) for lora in self.loaded.values() if key in lora.layers]
             if not parts:
                 weight.copy_(self.originals.pop(key))

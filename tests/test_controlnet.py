@@ -226,3 +226,57 @@ def test_request_checks_name_each_mistake():
     assert "ControlNet 0: control guidance start 0.7 and end 0.5 must satisfy 0 <= start < end <= 1" in message
     with pytest.raises(ValueError, match=r"control image 1 is a tensor of \(8, 8\) \(H, W\) but the output is"):
         pipe(PROMPT, steps=1, height=H, width=W, control_image=[control_images(1)[0], torch.rand(3, 8, 8)])
+
+
+def test_cli_flags_give_the_python_api_picture(tmp_path):
+    from diffrt.cli import main
+    from diffrt.cli_generate import DEFAULT_CONTROLNET
+    from tests.test_lora import saved as saved_lora
+
+    _, root, folders, _ = _saved("sd1")
+    _, _, lora_files, _ = saved_lora("sd1")
+    control = control_images(1)[0]
+    control.save(tmp_path / "control.png")
+    out = tmp_path / "out.png"
+    args = [
+        "generate",
+        "-p",
+        PROMPT,
+        "--model",
+        root,
+        "-W",
+        str(W),
+        "-H",
+        str(H),
+        "--steps",
+        "2",
+        "--seed",
+        "5",
+        "--sampler",
+        "euler",
+        "--controlnet",
+        folders[0],
+        "--control-image",
+        str(tmp_path / "control.png"),
+        "--control-scale",
+        "0.6",
+        "--control-end",
+        "0.5",
+        "--lora",
+        f"{lora_files['kohya'][0]}:0.7",
+        "-o",
+        str(out),
+    ]
+    assert main(args) == 0
+    pipe = diffrt.Pipeline.from_pretrained(root, controlnet=folders[0])
+    pipe.load_lora(lora_files["kohya"][0], scale=0.7)
+    expected = pipe(PROMPT, height=H, width=W, steps=2, sampler="euler", seed=5, control_image=control,
+                    controlnet_conditioning_scale=0.6, control_guidance_end=0.5)[0]  # fmt: skip
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected))
+    mismatch = ["generate", "-p", PROMPT, "--model", root, "--control-image", str(tmp_path / "control.png"), "-o",
+                str(tmp_path / "x.png")]  # fmt: skip
+    assert main(mismatch) == 2 and not (tmp_path / "x.png").exists()
+    if not os.path.isdir(DEFAULT_CONTROLNET):  # the embedded ControlNet is shipped once trained on the device
+        alone = ["generate", "-p", "a large red circle on the left, blue background", "--control-image",
+                 str(tmp_path / "control.png"), "-o", str(tmp_path / "y.png")]  # fmt: skip
+        assert main(alone) == 2
