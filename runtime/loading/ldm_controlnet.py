@@ -13,7 +13,7 @@ import re
 import torch
 
 from diffrt.loading.errors import CheckpointError, missing_key_errors
-from diffrt.loading.ldm_unet import _RESNET, _TOP, SDXL_TIME_IDS, _Converter, _depth, _group
+from diffrt.loading.ldm_unet import _TOP, SDXL_TIME_IDS, DownPath, _Converter, _group
 from diffrt.models.unet_config import UNetConfig
 
 PREFIX = "control_model."
@@ -35,22 +35,8 @@ def convert_controlnet(
     neither; without it, the families' conventions)."""
     if any(k.startswith(PREFIX) for k in sd):
         sd = {k[len(PREFIX) :]: v for k, v in sd.items() if k.startswith(PREFIX)}
-    inp = _group(sd, "input_blocks")
-    levels: list[list[int]] = [[]]
-    downsamples: list[int] = []
-    for i in sorted(k for k in inp if k > 0):
-        if any(r.startswith("op.") for r in inp[i][0]):
-            downsamples.append(i)
-            levels.append([])
-        else:
-            levels[-1].append(i)
-    counts = {len(lv) for lv in levels}
-    if len(counts) != 1 or 0 in counts:
-        raise CheckpointError(f"{where}: ControlNet levels have unequal res block counts {[len(lv) for lv in levels]}")
-    layers = counts.pop()
-    channels = [sd[f"input_blocks.{lv[0]}.0.out_layers.3.weight"].shape[0] for lv in levels]
-    attn = [bool(inp[lv[0]].get(1)) for lv in levels]
-    depth = [_depth(inp[lv[0]][1]) if a else 1 for lv, a in zip(levels, attn, strict=True)]
+    down = DownPath.read(sd, _group(sd, "input_blocks"), where)
+    levels, layers, channels, attn, depth = down.levels, down.layers, down.channels, down.attention, down.depth
     first = next((lv[0] for lv, a in zip(levels, attn, strict=True) if a), None)
     if first is None:
         raise CheckpointError(f"{where}: the ControlNet has no attention blocks; not an SD-family ControlNet")
@@ -97,16 +83,7 @@ def convert_controlnet(
     for old, new in _TOP.items():
         if not old.startswith("out."):
             c.move(old, new)
-    for level, ids in enumerate(levels):
-        for j, i in enumerate(ids):
-            c.move(f"input_blocks.{i}.0", f"down_blocks.{level}.resnets.{j}", _RESNET)
-            c.move(f"input_blocks.{i}.1", f"down_blocks.{level}.attentions.{j}")
-        if level < len(downsamples):
-            c.move(f"input_blocks.{downsamples[level]}.0.op", f"down_blocks.{level}.downsamplers.0.conv")
-    c.move("middle_block.0", "mid_block.resnets.0", _RESNET)
-    if mid_attn:
-        c.move("middle_block.1", "mid_block.attentions.0")
-        c.move("middle_block.2", "mid_block.resnets.1", _RESNET)
+    down.move(c, mid_attn)
     for i in sorted({int(m[1]) for k in sd if (m := re.match(r"^zero_convs\.(\d+)\.0\.", k))}):
         c.move(f"zero_convs.{i}.0", f"controlnet_down_blocks.{i}")
     c.move("middle_block_out.0", "controlnet_mid_block")

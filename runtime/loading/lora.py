@@ -122,21 +122,36 @@ def _pair(sd: dict, down: str, up: str, alpha: torch.Tensor | float | None, path
     return LoRALayer(d, u, value, down)
 
 
-def _kohya_pairs(sd: dict, path: str) -> dict[str, dict[str, LoRALayer]]:
+def _collect(sd: dict, path: str, down: str, up: str, locate, alpha_of=None) -> dict[str, dict[str, LoRALayer]]:
+    """Every `NAME{down}` / `NAME{up}` pair (and `NAME.alpha`) of the file: locate(NAME) -> (component, module) or
+    None (not a pair of this layout); alpha_of(component, module, file alpha or None) -> the alpha to use."""
     layers: dict[str, dict[str, LoRALayer]] = {}
     used = set()
     for key in sd:
-        if not key.endswith(".lora_down.weight"):
+        if not key.endswith(down):
             continue
-        name = key.removesuffix(".lora_down.weight")
-        prefix = next((p for p in KOHYA_PREFIXES if name.startswith(p)), None)
-        if prefix is None:
-            raise CheckpointError(f"{path}: {key} names no known part (lora_unet_, lora_te_, lora_te1_, lora_te2_)")
-        up, alpha = f"{name}.lora_up.weight", f"{name}.alpha"
-        layers.setdefault(KOHYA_PREFIXES[prefix], {})[name[len(prefix) :]] = _pair(sd, key, up, sd.get(alpha), path)
-        used |= {key, up, alpha}
+        name = key.removesuffix(down)
+        found = locate(name)
+        if found is None:
+            continue
+        component, module = found
+        up_key, alpha_key = name + up, f"{name}.alpha"
+        alpha = sd.get(alpha_key)
+        alpha = alpha_of(component, module, alpha, sd[key].shape[0]) if alpha_of else alpha
+        layers.setdefault(component, {})[module] = _pair(sd, key, up_key, alpha, path)
+        used |= {key, up_key, alpha_key}
     _refuse_leftovers(sd, used, path)
     return layers
+
+
+def _kohya_pairs(sd: dict, path: str) -> dict[str, dict[str, LoRALayer]]:
+    def locate(name: str) -> tuple[str, str]:
+        prefix = next((p for p in KOHYA_PREFIXES if name.startswith(p)), None)
+        if prefix is None:
+            raise CheckpointError(f"{path}: {name} names no known part (lora_unet_, lora_te_, lora_te1_, lora_te2_)")
+        return KOHYA_PREFIXES[prefix], name[len(prefix) :]
+
+    return _collect(sd, path, ".lora_down.weight", ".lora_up.weight", locate)
 
 
 def _split_component(name: str) -> tuple[str, str]:
@@ -149,21 +164,14 @@ def _split_component(name: str) -> tuple[str, str]:
 def _peft_pairs(sd: dict, path: str, metadata: dict) -> dict[str, dict[str, LoRALayer]]:
     if any(k.endswith(".use_dora") and v for k, v in metadata.items()):
         raise CheckpointError(f"{path}: a DoRA adapter (use_dora in its metadata); only plain LoRA is supported")
-    layers: dict[str, dict[str, LoRALayer]] = {}
-    used = set()
-    for key in sd:
-        if not key.endswith(".lora_A.weight"):
-            continue
-        name = key.removesuffix(".lora_A.weight")
-        component, module = _split_component(name)
-        up, alpha_key = f"{name}.lora_B.weight", f"{name}.alpha"
-        alpha = sd.get(alpha_key, _metadata_alpha(metadata, component, module))
+
+    def alpha_of(component: str, module: str, alpha, rank: int):
+        alpha = alpha if alpha is not None else _metadata_alpha(metadata, component, module)
         if alpha is not None and metadata.get(f"{component}.use_rslora"):  # rsLoRA scales by alpha / sqrt(r)
-            alpha = float(alpha) * sd[key].shape[0] ** 0.5
-        layers.setdefault(component, {})[module] = _pair(sd, key, up, alpha, path)
-        used |= {key, up, alpha_key}
-    _refuse_leftovers(sd, used, path)
-    return layers
+            alpha = float(alpha) * rank**0.5
+        return alpha
+
+    return _collect(sd, path, ".lora_A.weight", ".lora_B.weight", _split_component, alpha_of)
 
 
 def _metadata_alpha(metadata: dict, component: str, module: str) -> float | None:
@@ -190,21 +198,11 @@ _PROCESSOR_NAMES = {  # diffusers' attention-processor LoRA names -> the module 
 
 
 def _processor_pairs(sd: dict, path: str) -> dict[str, dict[str, LoRALayer]]:
-    layers: dict[str, dict[str, LoRALayer]] = {}
-    used = set()
-    for key in sd:
-        if not key.endswith(".down.weight"):
-            continue
-        name = key.removesuffix(".down.weight")
+    def locate(name: str) -> tuple[str, str] | None:
         module = next((name[: -len(a)] + b for a, b in _PROCESSOR_NAMES.items() if name.endswith(a)), None)
-        if module is None:
-            continue
-        component, module = _split_component(module)
-        up, alpha_key = f"{name}.up.weight", f"{name}.alpha"
-        layers.setdefault(component, {})[module] = _pair(sd, key, up, sd.get(alpha_key), path)
-        used |= {key, up, alpha_key}
-    _refuse_leftovers(sd, used, path)
-    return layers
+        return None if module is None else _split_component(module)
+
+    return _collect(sd, path, ".down.weight", ".up.weight", locate)
 
 
 def _refuse_leftovers(sd: dict, used: set, path: str) -> None:
