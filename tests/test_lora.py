@@ -132,16 +132,22 @@ def test_switching_loras_changes_the_next_image_and_the_prompt_embeddings():
     assert np.abs(first - base).max() > 1e-2 and np.abs(second - first).max() > 1e-2
 
 
-def test_layouts_agree_with_each_other():
-    """The same pairs written in both layouts fuse to the same weights (the kohya names resolve to the same modules)."""
+def test_layouts_agree_with_each_other(tmp_path):
+    """The same pairs written in each layout fuse to the same weights: the kohya names (diffusers' and LDM's, for SD1
+    as A1111-era trainers wrote them, too) resolve to the same modules."""
     for family in ("sd1", "sdxl"):
-        root, _, files, _ = saved(family)
+        root, modules, files, parts = saved(family)
+        paths = [files["diffusers"][0], files["kohya"][0]]
+        if family == "sd1":  # LDM block names on an SD1 UNet (what kohya_unet_name writes for SDXL)
+            paths.append(str(tmp_path / "ldm-names.safetensors"))
+            save_kohya_layout(paths[-1], parts, "sdxl", dict(modules["unet"].config), ALPHAS)
         weights = []
-        for layout in ("diffusers", "kohya"):
+        for path in paths:
             pipe = diffrt.Pipeline.from_pretrained(root)
-            pipe.load_lora(files[layout][0])
+            pipe.load_lora(path)
             weights.append(_weights(pipe))
-        assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]), family
+        for other in weights[1:]:
+            assert all(torch.equal(weights[0][k], other[k]) for k in weights[0]), family
 
 
 def _write(path, tensors: dict) -> str:
@@ -188,3 +194,39 @@ def test_errors_name_the_family_keys_shapes_rank_and_alpha(tmp_path):
         pipe.load_lora(sd1_files["kohya"][0]) and pipe.unload_lora("x")
     with pytest.raises(ValueError, match="LoRA scale nan must be a finite number"):
         pipe.load_lora(sd1_files["kohya"][0], scale=float("nan"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_switching_under_a_captured_graph_takes_effect_on_the_next_replay():
+    """A UNet step captured once; fusing, switching and unloading LoRAs write into the captured tensors, so each
+    replay gives what an eager call on the new weights gives."""
+    root, _, files, _ = saved("sd1")
+    pipe = diffrt.Pipeline.from_pretrained(root, device="cuda", dtype=torch.float16)
+    unet = pipe.components.unet
+    x = torch.randn(2, 4, 16, 16, device="cuda", dtype=torch.float16)
+    ctx = torch.randn(2, 77, 64, device="cuda", dtype=torch.float16)
+    t = torch.tensor(500.0, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.inference_mode():
+        unet(x, t, ctx)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.inference_mode():
+        out = unet(x, t, ctx)
+    outputs = []
+    for step in ("none", "a", "b", "unload"):
+        if step == "a":
+            pipe.load_lora(files["diffusers"][0], name="a")
+        elif step == "b":
+            pipe.unload_lora("a")
+            pipe.load_lora(files["kohya"][0], scale=-0.5, name="b")
+        elif step == "unload":
+            pipe.unload_lora()
+        graph.replay()
+        with torch.inference_mode():
+            torch.testing.assert_close(out, unet(x, t, ctx), rtol=1e-3, atol=1e-3)
+        outputs.append(out.clone())
+    assert not torch.equal(outputs[0], outputs[1]) and not torch.equal(outputs[1], outputs[2])
+    torch.testing.assert_close(outputs[3], outputs[0], rtol=0, atol=0)
