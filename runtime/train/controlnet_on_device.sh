@@ -4,7 +4,8 @@
 #   bash runtime/train/controlnet_on_device.sh train   # ControlNet stage (3000 x 512, ~5 min on an H200, time-boxed at
 #                                                      # 7 min), export, evaluation (500 fresh masks), packed under $OUT
 #   bash runtime/train/controlnet_on_device.sh bench   # LoRA switch under a CUDA graph; ControlNet per-step cost vs
-#                                                      # diffusers (+ torch.compile); SD1.5 at 512, fp16 (~3-5 min)
+#                                                      # diffusers (+ torch.compile); SD1.5 at 512, fp16 (~3-5 min);
+#                                                      # carry .whl (../shared/tools/device_wheels.sh: diffusers)
 #
 # `train` run again resumes the stage: from the run folder if the machine is still warm, else from the parts of the
 # previous call copied to $PARTS (default .carry/). The stage's settings are the recipe's (diffrt.train.recipes
@@ -37,6 +38,9 @@ train)
   tar czf - -C "$RUN" --exclude='.tmp-*' . | split -b 15m - "$OUT/controlnet_run.tgz.part-"
   ;;
 bench)
+  # diffusers (the peer) from the wheels of ../shared/tools/device_wheels.sh, carried as .whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-$PWD}
   timeout 560 python3 benchmarks/adapters.py --commit "${COMMIT:-}" --json "$OUT/adapters.json" 2>&1 \
     | tee "$OUT/adapters.log"
   ;;
