@@ -190,7 +190,7 @@ def controlnet_rows(unet, cfg: UNetConfig, size: int, compile_peer: bool) -> dic
     return rows
 
 
-@torch.no_grad()  # not inference_mode: its tensors would be unusable by torch.compile and the LoRA copies
+@torch.no_grad()  # not inference_mode: tensors made under it cannot be written in place outside it
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=512)
