@@ -8,11 +8,14 @@ import argparse
 import os
 import sys
 import tempfile
+from dataclasses import replace
 
 from diffrt.backends import BACKENDS
 
 # The embedded model (diffrt.train, issue 5): a 64x64 LCM-distilled SD-family model of procedural shapes, 23 MB.
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
+# The embedded model's ControlNet (diffrt.train.controlnet): a control image fixes where and how big the shapes are.
+DEFAULT_CONTROLNET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_controlnet")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -44,6 +47,32 @@ def add_parser(subparsers) -> None:
                    help="default: cuda-graph on a GPU (generations replayed from CUDA graphs), else torch")  # fmt: skip
     p.add_argument("--no-memory-check", action="store_true",
                    help="run even when the estimated memory exceeds what the device has free")  # fmt: skip
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="fuse a LoRA (diffusers or kohya layout) at SCALE (default 1); repeat for several")  # fmt: skip
+    p.add_argument(
+        "--controlnet",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="add a ControlNet (folder or single file); repeat for several, each with a --control-image",
+    )
+    p.add_argument(
+        "--control-image",
+        action="append",
+        default=[],
+        metavar="IMG",
+        help="control image per ControlNet (alone, with the embedded model: its shapes ControlNet)",
+    )
+    p.add_argument(
+        "--control-scale",
+        action="append",
+        type=float,
+        default=[],
+        metavar="S",
+        help="ControlNet conditioning scale (default 1); one, or one per ControlNet",
+    )
+    p.add_argument("--control-start", type=float, default=0.0, help="share of the steps before ControlNets guide")
+    p.add_argument("--control-end", type=float, default=1.0, help="share of the steps after which they stop")
     p.add_argument("--variant", default=None, help='weight file variant, e.g. "fp16"')
     p.add_argument("--allow-pickle", action="store_true", help="read .ckpt/.pt pickles (only from sources you trust)")
     p.add_argument("-o", "--output", required=True, help="output image path (batch > 1: NAME-0.png, NAME-1.png, ...)")
@@ -81,18 +110,48 @@ def save_atomically(image, path: str) -> None:
         raise
 
 
-def open_init_image(path: str | None):
+def open_init_image(path: str | None, what: str = "init image"):
     if path is None:
         return None
     from PIL import Image, UnidentifiedImageError
 
     if not os.path.isfile(path):
-        raise ValueError(f"init image {path} does not exist")
+        raise ValueError(f"{what} {path} does not exist")
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"init image {path} is not an image PIL can read ({e})") from e
+        raise ValueError(f"{what} {path} is not an image PIL can read ({e})") from e
+
+
+def parse_lora(spec: str) -> tuple[str, float]:
+    """PATH[:SCALE] -> (path, scale); a suffix that is not a number belongs to the path."""
+    path, sep, scale = spec.rpartition(":")
+    if sep:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def control_setup(args: argparse.Namespace) -> tuple[list[str], list]:
+    """(ControlNet paths, control images) of the flags; the embedded ControlNet when only images are given with the
+    embedded model. ValueError naming a mismatch."""
+    controlnets = list(args.controlnet)
+    if args.control_image and not controlnets:
+        if args.model is not None:
+            raise ValueError("--control-image needs --controlnet PATH for a --model other than the embedded one")
+        if not os.path.isdir(DEFAULT_CONTROLNET):
+            raise ValueError(
+                f"the embedded ControlNet is not shipped in this build ({DEFAULT_CONTROLNET} is missing); pass "
+                "--controlnet PATH"
+            )
+        controlnets = [DEFAULT_CONTROLNET]
+    if len(args.control_image) != len(controlnets):
+        raise ValueError(f"{len(args.control_image)} --control-image for {len(controlnets)} --controlnet; one each")
+    images = [open_init_image(path, "control image") for path in args.control_image]
+    return controlnets, images
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -105,6 +164,11 @@ def run_generate(args: argparse.Namespace) -> int:
     # 1. What needs no model: the output path and the init image.
     check_output(args.output)
     init = open_init_image(args.init_image)
+    controlnets, control_images = control_setup(args)
+    loras = [parse_lora(spec) for spec in args.lora]
+    for path, _ in loras:
+        if not os.path.exists(path):
+            raise ValueError(f"LoRA {path} does not exist")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backend = make_backend(args.backend or default_backend(device))
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
@@ -116,9 +180,13 @@ def run_generate(args: argparse.Namespace) -> int:
         prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
         steps=args.steps, sampler=args.sampler, guidance_scale=args.cfg, eta=args.eta, seed=args.seed,
         batch=args.batch, image=init, strength=args.strength, clip_skip=args.clip_skip,
-        check_memory=not args.no_memory_check,
+        check_memory=not args.no_memory_check, control_image=control_images or None,
+        controlnet_conditioning_scale=args.control_scale if len(args.control_scale) > 1 else
+        (args.control_scale or [1.0])[0], control_guidance_start=args.control_start,
+        control_guidance_end=args.control_end,
     )  # fmt: skip
-    request = resolve_request(request, source.spec, device=device, dtype=dtype, weights_resident=False)
+    spec = replace(source.spec, controlnets=len(controlnets))
+    request = resolve_request(request, spec, device=device, dtype=dtype, weights_resident=False)
     if args.model is None:
         note_prompt_outside_the_grammar(args.prompt)
     if source.spec.is_random:
@@ -132,6 +200,10 @@ def run_generate(args: argparse.Namespace) -> int:
     from diffrt.pipeline import Pipeline
 
     pipe = Pipeline.from_components(source.components(), device=device, dtype=dtype, backend=backend)
+    for path in controlnets:
+        pipe.load_controlnet(path, allow_pickle=args.allow_pickle)
+    for path, scale in loras:
+        pipe.load_lora(path, scale=scale, allow_pickle=args.allow_pickle)
     run_steps = int(request.steps * request.strength) if init is not None else request.steps
     with tqdm(total=run_steps, desc=f"{request.sampler} steps", unit="step", file=sys.stderr) as bar:
         result = pipe.generate(request, callback=lambda *_: bar.update())

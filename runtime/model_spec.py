@@ -30,6 +30,7 @@ class ModelSpec:
     memory: MemoryModel
     force_zeros_for_empty_prompt: bool = True
     is_random: bool = False  # random weights (a preset): the picture is noise
+    controlnets: int = 0  # ControlNets attached: a request gives one control image for each
 
     @property
     def default_sampler(self) -> str:
@@ -53,6 +54,7 @@ def model_spec(
     *,
     force_zeros_for_empty_prompt: bool = True,
     is_random: bool = False,
+    controlnets: int = 0,
 ) -> ModelSpec:
     """The spec of a UNet + VAE + text encoder(s) model from their configs and its total parameter count."""
     sdxl = unet.addition_embed_type == "text_time"
@@ -76,6 +78,7 @@ def model_spec(
         ),
         force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
         is_random=is_random,
+        controlnets=controlnets,
     )
 
 
@@ -90,6 +93,7 @@ def spec_of(components: Components) -> ModelSpec:
         sum(p.numel() for m in components.modules().values() for p in m.parameters()),
         force_zeros_for_empty_prompt=components.force_zeros_for_empty_prompt,
         is_random=components.is_random,
+        controlnets=len(components.controlnets),
     )
 
 

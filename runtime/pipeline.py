@@ -6,6 +6,7 @@ step (tests/test_pipeline.py holds it to that), so the same weights, latents and
 """
 
 import os
+from dataclasses import replace
 
 import torch
 from PIL import Image
@@ -20,6 +21,8 @@ from diffrt.request import GenerationRequest, GenerationResult, memory_key, reso
 from diffrt.roles import Roles
 from diffrt.samplers import Callback
 from diffrt.tokenizer import CLIPTokenizer
+
+LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
 class Pipeline:
@@ -41,6 +44,7 @@ class Pipeline:
         self.components = components  # the torch modules behind the roles, where there are any
         self.prompt_cache = PromptCache(prompt_cache_size)
         self._ran: set[tuple] = set()  # memory_keys of requests that ran: they fit, no need to estimate again
+        self._loras = None  # diffrt.lora.LoRAWeights, made by the first load_lora
 
     @classmethod
     def from_pretrained(
@@ -55,19 +59,24 @@ class Pipeline:
         prediction_type: str | None = None,
         backend: "str | Backend | None" = None,
         seed: int = 0,
+        controlnet: "str | os.PathLike | list | None" = None,
     ) -> "Pipeline":
         """From a diffusers pipeline folder, a single-file checkpoint (with `tokenizer=` folder(s), since such a
         file carries none), or a preset name (`diffrt.presets.PRESETS`: real architectures, random weights seeded
         with `seed`). prediction_type overrides the scheduler config's ("epsilon" / "v_prediction"): an SD2 single
         file does not say which it was trained for (v is assumed, as diffusers does; SD2-base and SD-Turbo need
         "epsilon"). backend: a name in diffrt.backends.BACKENDS or a backend object, this pipeline's own; default:
-        cuda-graph on a GPU, torch elsewhere."""
+        cuda-graph on a GPU, torch elsewhere. controlnet: a ControlNet path (or a list of them) to add
+        (`load_controlnet`)."""
         from diffrt.assembly import open_model
 
         backend = make_backend(backend or default_backend(device))  # first: an unknown one fails before loading
         source = open_model(path_or_preset, variant=variant, allow_pickle=allow_pickle, tokenizer=tokenizer,
                             prediction_type=prediction_type, seed=seed)  # fmt: skip
-        return cls.from_components(source.components(device), device=device, dtype=dtype, backend=backend)
+        pipe = cls.from_components(source.components(device), device=device, dtype=dtype, backend=backend)
+        for path in [] if controlnet is None else controlnet if isinstance(controlnet, list) else [controlnet]:
+            pipe.load_controlnet(path, allow_pickle=allow_pickle)
+        return pipe
 
     @classmethod
     def from_components(
@@ -88,6 +97,67 @@ class Pipeline:
             module.to(device=device, dtype=torch.float32 if upcast else dtype).eval().requires_grad_(False)
         roles = backend.roles(components, dtype)
         return cls(spec, (components.tokenizer, components.tokenizer_2), roles, backend, device, dtype, components)
+
+    def load_controlnet(self, path_or_module: "str | os.PathLike | torch.nn.Module", allow_pickle: bool = False) -> int:
+        """Add a ControlNet (a diffusers folder, a single file, or a ControlNetModel); returns its index. Requests
+        then give one control image per ControlNet, in the order they were added."""
+        from diffrt.loading.controlnet import check_fits, load_controlnet
+
+        if isinstance(path_or_module, torch.nn.Module):
+            module, source = path_or_module, type(path_or_module).__name__
+        else:
+            unet_config = self.components.unet.config
+            module = load_controlnet(path_or_module, allow_pickle=allow_pickle, unet_config=unet_config)
+            source = os.fspath(path_or_module)
+        check_fits(module, self.components.unet, source)
+        module.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        self.components.controlnets.append(module)
+        self.roles = self.backend.roles(self.components, self.dtype)
+        self.spec = replace(self.spec, controlnets=len(self.components.controlnets))
+        return len(self.components.controlnets) - 1
+
+    def load_lora(
+        self, path: str | os.PathLike, scale: float = 1.0, name: str | None = None, allow_pickle: bool = False
+    ) -> str:
+        """Fuse a LoRA file (diffusers/PEFT or kohya/A1111 layout; UNet and text encoders) into the weights in place,
+        at `scale`, beside those already loaded; returns its name (default: the file's stem), which `unload_lora`
+        and `set_lora_scale` take. Loading a name again replaces that LoRA. Costs nothing per step, keeps captured
+        graphs valid (the same tensors hold the new weights) and clears the prompt cache when a text encoder
+        changed. Not to be called while this pipeline is generating."""
+        from diffrt.loading.lora import read_lora
+        from diffrt.lora import LoRAWeights, match_lora
+
+        if self.components is None:
+            raise ValueError(f"backend {self.backend.name!r} runs no torch modules; LoRA needs their weights")
+        lora = read_lora(path, allow_pickle=allow_pickle)
+        layers = match_lora(lora, {n: m for n, m in self.components.modules().items() if n in LORA_COMPONENTS})
+        if self._loras is None:
+            self._loras = LoRAWeights(self.components.modules())
+        name = name or os.path.splitext(os.path.basename(lora.path))[0]
+        self._weights_changed(self._loras.add(name, lora.path, layers, scale))
+        return name
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        """Change a loaded LoRA's scale (its layers are fused again from the original weights)."""
+        self._weights_changed(self._require_loras().set_scale(name, scale))
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Take a LoRA out (None: all); the weights no LoRA touches any more are the original ones, bit for bit."""
+        self._weights_changed(self._require_loras().remove(name))
+
+    @property
+    def loras(self) -> dict[str, float]:
+        """The loaded LoRAs' names and scales."""
+        return {} if self._loras is None else {n: lora.scale for n, lora in self._loras.loaded.items()}
+
+    def _require_loras(self):
+        if self._loras is None:
+            raise ValueError("no LoRA is loaded; load one with pipe.load_lora(PATH)")
+        return self._loras
+
+    def _weights_changed(self, components: set[str]) -> None:
+        if components & {"text_encoder", "text_encoder_2"}:
+            self.prompt_cache.clear()  # cached embeddings came from the old text encoder weights
 
     @property
     def vae_scale(self) -> int:
@@ -160,6 +230,10 @@ class Pipeline:
         callback: Callback | None = None,
         eta: float | None = None,
         check_memory: bool = True,
+        control_image=None,
+        controlnet_conditioning_scale: float | list[float] = 1.0,
+        control_guidance_start: float | list[float] = 0.0,
+        control_guidance_end: float | list[float] = 1.0,
     ):
         """Generate `batch` images per prompt; the fields are GenerationRequest's (diffrt.request).
 
@@ -171,7 +245,9 @@ class Pipeline:
             guidance_scale=guidance_scale, eta=eta, seed=seed, batch=batch, image=image, strength=strength,
             latents=latents, clip_skip=clip_skip, original_size=original_size,
             crops_coords_top_left=crops_coords_top_left, target_size=target_size, output_type=output_type,
-            check_memory=check_memory,
+            check_memory=check_memory, control_image=control_image,
+            controlnet_conditioning_scale=controlnet_conditioning_scale,
+            control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
         )  # fmt: skip
         result = self.generate(request, generator=generator, callback=callback)
         return (result.images, result.latents) if return_latents else result.images

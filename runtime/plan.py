@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from diffrt.control import ControlPlan, make_control_plan, step_denoisers
 from diffrt.images import image_to_tensor
 from diffrt.model_spec import ModelSpec
 from diffrt.models.embeddings import guidance_scale_embedding
@@ -36,12 +37,14 @@ class GenerationPlan:
     noise: NoiseSource  # the loop's fresh noise, drawn in diffusers' order after the starting state's
     seed: int | None
     options: dict = field(default_factory=dict)  # the sampler's keyword options (eta)
+    control: ControlPlan | None = None  # ControlNet guidance: images and per-step scales (diffrt.control)
 
     @property
     def bucket(self) -> tuple:
-        """What fixes a CUDA graph of this plan: shapes, schedule and whether there is an unconditional batch."""
+        """What fixes a CUDA graph of this plan: shapes, schedule, whether there is an unconditional batch, and
+        which ControlNets run at which step."""
         return (tuple(self.latents.shape), self.sampler.name, self.schedule, self.guidance_scale is not None,
-                tuple(sorted(self.options.items())))  # fmt: skip
+                tuple(sorted(self.options.items())), self.control.bucket if self.control else None)  # fmt: skip
 
 
 def make_plan(
@@ -78,6 +81,13 @@ def make_plan(
     else:
         start = r.latents.to(device, dtype) if r.latents is not None else noise(shape, dtype, device)
         latents = initial_latents(start, schedule)
+    control = None
+    if spec.controlnets:
+        control = make_control_plan(
+            r.control_image, r.controlnet_conditioning_scale, r.control_guidance_start, r.control_guidance_end,
+            steps=len(schedule.timesteps), per_prompt=r.batch, total=n, cfg=cfg, height=r.height, width=r.width,
+            device=device, dtype=dtype,
+        )  # fmt: skip
     return GenerationPlan(
         request=r,
         sampler=sampler,
@@ -89,16 +99,27 @@ def make_plan(
         noise=noise,
         seed=seed,
         options={} if r.eta is None else {"eta": r.eta},
+        control=control,
     )
 
 
 def run_plan(plan: GenerationPlan, roles: Roles, callback: Callback | None = None) -> tuple[Tensor, Tensor]:
     """The device's part, eagerly: the sampler loop, then the decode. Returns (images [B, 3, H, W] in [0, 1],
     final latents)."""
-    model_output = guided(roles.denoiser, plan.cond, plan.guidance_scale)
-    model = X0Predictor(model_output, plan.prediction_type, plan.schedule, plan.latents.device)
+    outputs = model_outputs(roles, plan.cond, plan.guidance_scale, plan.control)
+    model = X0Predictor(outputs, plan.prediction_type, plan.schedule, plan.latents.device)
     latents = plan.sampler.sample(model, plan.latents, plan.schedule, plan.noise, callback, **plan.options)
     return roles.codec.decode(latents), latents
+
+
+def model_outputs(
+    roles: Roles, cond: Conditioning, guidance_scale: float | Tensor | None, control: ControlPlan | None
+) -> Callable[[Tensor, Tensor], Tensor] | list[Callable[[Tensor, Tensor], Tensor]]:
+    """What the sampler calls for the model output: the guided denoiser, or with ControlNets one guided controlled
+    denoiser per step (which ControlNets run at a step is the host's decision)."""
+    if control is None:
+        return guided(roles.denoiser, cond, guidance_scale)
+    return [guided(d, cond, guidance_scale) for d in step_denoisers(roles.denoiser, roles.controlnets, control)]
 
 
 def guided(

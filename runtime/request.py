@@ -5,6 +5,7 @@ one place, before any work: a bad request gets one ValueError that names each mi
 """
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -43,6 +44,13 @@ class GenerationRequest:
     target_size: tuple[int, int] | None = None
     output_type: str = "pil"  # "pil" (list of images), "np" (float [B, H, W, 3] in [0, 1]), "pt" ([B, 3, H, W])
     check_memory: bool = True  # refuse a request whose estimated memory exceeds what the device has free
+    # ControlNet (one entry per ControlNet of the pipeline; a single value applies to all): the control image (PIL, or
+    # [B, C, H, W] in [0, 1]; resized to the output, which defaults to its size), the residuals' scale, and the share
+    # of the schedule [start, end] it guides. Resolved to tuples of one entry per ControlNet.
+    control_image: object = None
+    controlnet_conditioning_scale: float | Sequence[float] = 1.0
+    control_guidance_start: float | Sequence[float] = 0.0
+    control_guidance_end: float | Sequence[float] = 1.0
 
     @property
     def prompts(self) -> list[str]:
@@ -113,7 +121,10 @@ def resolve_request(
             problems.append(f"eta applies to the {eta_samplers} samplers only, not {sampler!r}")
         else:
             check(check_eta, request.eta)
+    control = _resolve_control(request, spec, problems)
     w, h = spec.default_size, spec.default_size
+    if control and control["control_image"]:
+        w, h = image_size(control["control_image"][0])
     if request.image is not None and check(_check_image, request.image):
         w, h = image_size(request.image)
     height = h if request.height is None else request.height
@@ -127,7 +138,8 @@ def resolve_request(
         problems.append(f"output_type {request.output_type!r}; choose one of: {', '.join(OUTPUT_TYPES)}")
     if request.seed is not None and not (isinstance(request.seed, int) and 0 <= request.seed < 2**63):
         problems.append(f"seed {request.seed!r} must be an integer in [0, 2**63)")
-    resolved = replace(request, sampler=sampler, steps=steps, guidance_scale=guidance, height=height, width=width)
+    resolved = replace(request, sampler=sampler, steps=steps, guidance_scale=guidance, height=height, width=width,
+                       **(control or {}))  # fmt: skip
     if size_ok and prompts_ok and not problems:
         check(_check_shapes, resolved, spec)
     if not problems and request.check_memory and memory_key(resolved, spec) not in (known_to_fit or ()):
@@ -147,6 +159,40 @@ def memory_key(request: GenerationRequest, spec: ModelSpec) -> tuple:
 def uses_cfg(request: GenerationRequest, spec: ModelSpec) -> bool:
     """Classifier-free guidance runs an unconditional batch: guidance above 1, unless an LCM UNet embeds it."""
     return request.guidance_scale > 1.0 and spec.guidance_embedding_dim is None
+
+
+def _resolve_control(request: GenerationRequest, spec: ModelSpec, problems: list[str]) -> dict | None:
+    """The ControlNet fields as tuples of one entry per ControlNet, or None when there are none (problems noted)."""
+    n, given = spec.controlnets, request.control_image
+    if n == 0:
+        if given is not None:
+            problems.append("control_image was given but this pipeline has no ControlNet; add one with "
+                            "pipe.load_controlnet(PATH) (CLI: --controlnet PATH)")  # fmt: skip
+        return None
+    if given is None:
+        problems.append(f"this pipeline has {n} ControlNet(s): give control_image (one image per ControlNet)")
+        return None
+    images = tuple(given) if isinstance(given, (list, tuple)) else (given,)
+    out = {"control_image": images}
+    if len(images) != n:
+        problems.append(f"{len(images)} control images for {n} ControlNet(s); give one per ControlNet")
+        out["control_image"] = ()
+    for i, image in enumerate(images):
+        if not isinstance(image, Image.Image) and not (torch.is_tensor(image) and image.ndim in (3, 4)):
+            problems.append(f"control image {i} must be a PIL image or a tensor [B, C, H, W] in [0, 1]")
+            out["control_image"] = ()
+    for name in ("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end"):
+        value = getattr(request, name)
+        values = tuple(value) if isinstance(value, (list, tuple)) else (value,) * n
+        if len(values) != n or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            problems.append(f"{name} {value!r} must be a finite number or a list of {n} (one per ControlNet)")
+            values = (0.0,) * n
+        out[name] = tuple(float(v) for v in values)
+    for i, (start, end) in enumerate(zip(out["control_guidance_start"], out["control_guidance_end"], strict=True)):
+        if not 0.0 <= start < end <= 1.0:
+            problems.append(f"ControlNet {i}: control guidance start {start} and end {end} must satisfy "
+                            "0 <= start < end <= 1")  # fmt: skip
+    return out
 
 
 def _check_prompts(request: GenerationRequest) -> None:
@@ -218,6 +264,19 @@ def _check_shapes(request: GenerationRequest, spec: ModelSpec) -> None:
             )
         if image.shape[0] not in (1, n):
             raise ValueError(f"{image.shape[0]} init images for {n} outputs; give one image or one per output")
+    for i, image in enumerate(request.control_image if spec.controlnets else ()):
+        if torch.is_tensor(image):
+            image = image if image.ndim == 4 else image[None]
+            if tuple(image.shape[-2:]) != (request.height, request.width):
+                raise ValueError(
+                    f"control image {i} is a tensor of {tuple(image.shape[-2:])} (H, W) but the output is "
+                    f"{(request.height, request.width)}; resize it or give a PIL image (resized for you)"
+                )
+            if image.shape[0] not in (1, len(request.prompts)):
+                raise ValueError(
+                    f"control image {i} holds {image.shape[0]} images for {len(request.prompts)} prompt(s); give one, "
+                    "or one per prompt"
+                )
     if request.latents is not None:
         shape = (n, spec.latent_channels, request.height // spec.vae_scale, request.width // spec.vae_scale)
         if tuple(request.latents.shape) != shape:

@@ -44,6 +44,15 @@ class Denoiser(Protocol):
         ...
 
 
+class ControlNet(Protocol):
+    def __call__(
+        self, latents: Tensor, timestep: Tensor, cond: Conditioning, image: Tensor, scale: Tensor | float
+    ) -> tuple[tuple[Tensor, ...], Tensor]:
+        """The denoiser's inputs and a control image [B, C, H, W] in [0, 1] -> (down residuals, mid residual), scaled
+        by `scale`; a controlled denoiser (diffrt.control) adds them to the UNet's through the conditioning."""
+        ...
+
+
 class ImageCodec(Protocol):
     def encode(self, images: Tensor, noise: NoiseSource | None = None) -> Tensor:
         """Images [B, 3, H, W] in [0, 1] -> the UNet's latents [B, C, H/f, W/f]: scaled (and shifted) as the
@@ -62,3 +71,4 @@ class Roles:
     text_encoder: TextEncoder
     denoiser: Denoiser
     codec: ImageCodec
+    controlnets: tuple[ControlNet, ...] = ()  # in the order the pipeline's ControlNets were added

@@ -11,7 +11,7 @@ so the same seed gives diffusers' result.
 """
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -46,10 +46,16 @@ class X0Predictor:
     any loop, so that calling it issues device work only."""
 
     def __init__(
-        self, model_output: ModelOutput, prediction_type: str, schedule: Schedule, device: torch.device | str = "cpu"
+        self,
+        model_output: ModelOutput | Sequence[ModelOutput],
+        prediction_type: str,
+        schedule: Schedule,
+        device: torch.device | str = "cpu",
     ) -> None:
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-        self.model_output = model_output  # CFG included
+        # CFG included; one for every step, or one per step (what runs at a step is decided on the host, e.g. a
+        # ControlNet only between its guidance start and end)
+        self.model_output = model_output
         self.prediction_type = prediction_type
         self.scalings = [
             self._scalings(*step)
@@ -77,7 +83,8 @@ class X0Predictor:
     def __call__(self, x: Tensor, i: int) -> Tensor:
         """The denoised estimate at step i of the schedule."""
         c_in, c_skip, c_out = self.scalings[i]
-        out = self.model_output(x * c_in if c_in != 1.0 else x, self.timesteps[i]).to(x.dtype)
+        model_output = self.model_output if callable(self.model_output) else self.model_output[i]
+        out = model_output(x * c_in if c_in != 1.0 else x, self.timesteps[i]).to(x.dtype)
         return out * c_out if c_skip == 0.0 else x * c_skip + out * c_out
 
 

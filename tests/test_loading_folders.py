@@ -308,9 +308,9 @@ def test_not_a_checkpoint_folder(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
     with pytest.raises(CheckpointError, match="no weights found"):
         load_model(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "ControlNetModel"}))
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "T2IAdapter"}))
     save_file({"w": torch.zeros(1)}, str(tmp_path / VAE_FILE))
-    with pytest.raises(CheckpointError, match="model class 'ControlNetModel' is not supported; supported: UNet2D"):
+    with pytest.raises(CheckpointError, match="model class 'T2IAdapter' is not supported; supported: UNet2D"):
         load_model(tmp_path)
     with pytest.raises(CheckpointError, match="no such file or folder"):
         load_model(tmp_path / "nope")

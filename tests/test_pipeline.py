@@ -5,27 +5,14 @@ tokenizer, loaded by `diffrt.Pipeline.from_pretrained`, and both pipelines run t
 the matching scheduler: the decoded images must agree within 1e-3 (fp32, CPU).
 """
 
-import json
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import diffrt
-from tests.helpers.clip_vocab import EOS, build_clip_vocab
-from tests.helpers.loading_fixtures import CLIP_L, make_pipeline
+from tests.helpers.pipeline_fixtures import check_images, diffusers_pipeline, save_pipeline
 
-SCHEDULERS = {  # our sampler -> (diffusers scheduler class, extra config)
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "ddim": ("DDIMScheduler", {"clip_sample": False}),  # as every SD config sets it; the class default is True
-    "lcm": ("LCMScheduler", {}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "tcd": ("TCDScheduler", {}),
-}
 PROMPT = "a photo of a cat, highly detailed"
 H, W = 64, 96  # non-square
 
@@ -33,52 +20,12 @@ H, W = 64, 96  # non-square
 @pytest.fixture(scope="module", params=["sd1", "sd2", "sdxl"])
 def saved(request, tmp_path_factory):
     """(family, folder, diffusers components) for a tiny random pipeline with tokenizers, saved once per module."""
-    family = request.param
-    root = str(tmp_path_factory.mktemp(family))
-    ref = make_pipeline(family, root)
-    with open(os.path.join(root, "model_index.json")) as f:
-        index = json.load(f)
-    # SD1's and SDXL's first tokenizer pad with "<|endoftext|>"; the OpenCLIP ones (SD2, SDXL's second) with "!".
-    pads = {"sd1": {"tokenizer": EOS}, "sd2": {"tokenizer": "!"}, "sdxl": {"tokenizer": EOS, "tokenizer_2": "!"}}
-    for name, pad in pads[family].items():
-        build_clip_vocab(Path(root) / name, pad_token=pad, vocab_size=CLIP_L["vocab_size"])
-        index[name] = ["transformers", "CLIPTokenizer"]
-    with open(os.path.join(root, "model_index.json"), "w") as f:
-        json.dump(index, f)
-    return family, root, {name: module for name, (module, _) in ref.items()}
-
-
-def diffusers_pipeline(family: str, root: str, modules: dict, sampler: str, img2img: bool = False):
-    import diffusers
-    from transformers import CLIPTokenizer
-
-    cls_name, extra = SCHEDULERS[sampler]
-    base = diffusers.EulerDiscreteScheduler.from_pretrained(os.path.join(root, "scheduler")).config
-    scheduler = getattr(diffusers, cls_name).from_config(base, **extra)
-    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(root, "tokenizer"))
-    kwargs = {"vae": modules["vae"], "text_encoder": modules["text_encoder"], "unet": modules["unet"]}
-    kwargs.update(scheduler=scheduler, tokenizer=tokenizer)
-    if family == "sdxl":
-        kwargs.update(text_encoder_2=modules["text_encoder_2"],
-                      tokenizer_2=CLIPTokenizer.from_pretrained(os.path.join(root, "tokenizer_2")))  # fmt: skip
-        cls = diffusers.StableDiffusionXLImg2ImgPipeline if img2img else diffusers.StableDiffusionXLPipeline
-    else:
-        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        cls = diffusers.StableDiffusionImg2ImgPipeline if img2img else diffusers.StableDiffusionPipeline
-    pipe = cls(**kwargs)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    root = str(tmp_path_factory.mktemp(request.param))
+    return request.param, root, save_pipeline(request.param, root)
 
 
 def _latents(n: int, scale: int, seed: int = 123) -> torch.Tensor:
     return torch.randn((n, 4, H // scale, W // scale), generator=torch.Generator().manual_seed(seed))
-
-
-def _check(ours: np.ndarray, ref: np.ndarray) -> None:
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    err = np.abs(ours - ref).max()
-    assert err <= 1e-3, f"decoded images differ by up to {err:.2e} (> 1e-3)"
-    assert ref.std() > 1e-3, "reference image is flat: the comparison would prove little"
 
 
 CASES = [  # (sampler, steps, guidance, negative prompt, batch)
@@ -102,7 +49,7 @@ def test_txt2img_matches_diffusers(saved, sampler, steps, guidance, negative, ba
         ref = ref_pipe(PROMPT, negative_prompt=negative, height=H, width=W, num_inference_steps=steps,
                        guidance_scale=guidance, num_images_per_prompt=batch, latents=latents.clone(),
                        generator=torch.Generator().manual_seed(7), output_type="np").images  # fmt: skip
-    _check(ours, ref)
+    check_images(ours, ref)
 
 
 @pytest.mark.parametrize("sampler,eta", [("ddim", 1.0), ("tcd", 0.6)])
@@ -118,7 +65,7 @@ def test_eta_reaches_the_sampler_as_in_diffusers(saved, sampler, eta):
         ref = ref_pipe(PROMPT, height=H, width=W, num_inference_steps=3, guidance_scale=1.0, eta=eta,
                        latents=_latents(1, pipe.vae_scale), generator=torch.Generator().manual_seed(7),
                        output_type="np").images  # fmt: skip
-    _check(ours, ref)
+    check_images(ours, ref)
     assert np.abs(ours - default).max() > 1e-3  # the sampler's own eta (0 / 0.3) gives another picture
 
 
@@ -143,7 +90,7 @@ def test_img2img_matches_diffusers(saved, sampler):
     with torch.no_grad():
         ref = ref_pipe(PROMPT, image=init, strength=0.6, num_inference_steps=5, guidance_scale=4.0,
                        generator=torch.Generator().manual_seed(3), output_type="np").images  # fmt: skip
-    _check(ours, ref)
+    check_images(ours, ref)
 
 
 def test_same_seed_same_image_and_prompt_cache(saved):
@@ -196,4 +143,4 @@ def test_sdxl_micro_conditioning_matches_diffusers(saved):
     with torch.no_grad():
         ref = ref_pipe(PROMPT, height=H, width=W, num_inference_steps=2, guidance_scale=3.0, latents=latents.clone(),
                        output_type="np", **micro).images  # fmt: skip
-    _check(ours, ref)
+    check_images(ours, ref)

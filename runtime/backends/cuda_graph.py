@@ -15,10 +15,11 @@ import torch
 from torch import Tensor
 
 from diffrt.backends.graphs import CapturedCall, device_lock, signature
-from diffrt.backends.torch_roles import TorchDenoiser, TorchImageCodec, TorchTextEncoder
+from diffrt.backends.torch_roles import TorchControlNet, TorchDenoiser, TorchImageCodec, TorchTextEncoder
 from diffrt.components import Components
+from diffrt.control import ControlPlan
 from diffrt.models.ops import TRITON_OPS, Ops, set_ops
-from diffrt.plan import GenerationPlan, guided
+from diffrt.plan import GenerationPlan, model_outputs
 from diffrt.roles import Conditioning, Roles
 from diffrt.samplers import Callback, NoiseSource, X0Predictor
 
@@ -33,7 +34,7 @@ class CudaGraphBackend:
         device = next(components.unet.parameters()).device
         if device.type != "cuda":
             raise ValueError(f"the {self.name} backend runs on a CUDA device, not {device}; use backend='torch'")
-        for module in (components.unet, components.vae):
+        for module in (components.unet, components.vae, *components.controlnets):
             set_ops(module, self.ops)
             if self.channels_last:
                 module.to(memory_format=torch.channels_last)
@@ -42,6 +43,7 @@ class CudaGraphBackend:
             text_encoder=GraphedTextEncoder(encoder, self.max_buckets),
             denoiser=TorchDenoiser(components.unet),
             codec=TorchImageCodec(components.vae, dtype),
+            controlnets=tuple(TorchControlNet(c) for c in components.controlnets),
         )
 
     def run(self, plan: GenerationPlan, roles: Roles, callback: Callback | None = None) -> tuple[Tensor, Tensor]:
@@ -81,7 +83,12 @@ class _Bucket:
             self.guidance = torch.tensor(plan.guidance_scale, dtype=plan.latents.dtype, device=device)
         self.noise = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in _noise_draws(plan)]
         cond = Conditioning(**dict(zip(self.cond_names, self.cond_fields, strict=True)))
-        model = X0Predictor(guided(roles.denoiser, cond, self.guidance), plan.prediction_type, plan.schedule, device)
+        self.control = None
+        if plan.control is not None:  # control images and per-step scales as static buffers too
+            c = plan.control
+            self.control = ControlPlan(tuple(image.clone() for image in c.images), c.scales.clone(), c.active)
+        outputs = model_outputs(roles, cond, self.guidance, self.control)
+        model = X0Predictor(outputs, plan.prediction_type, plan.schedule, device)
 
         def generation() -> tuple[Tensor, Tensor]:
             noise = _StaticNoise(self.noise)
@@ -96,6 +103,10 @@ class _Bucket:
             _copy(static, value)
         if self.guidance is not None:
             self.guidance.fill_(plan.guidance_scale)
+        if self.control is not None:
+            for static, image in zip(self.control.images, plan.control.images, strict=True):
+                static.copy_(image)
+            self.control.scales.copy_(plan.control.scales)
         for buffer in self.noise:  # the loop's fresh noise, in the order the eager loop draws it
             buffer.copy_(plan.noise.like(buffer))
         images, latents = self.call.replay()
@@ -103,6 +114,8 @@ class _Bucket:
 
     def report(self) -> dict:
         statics = [self.latents, *_flat_list(self.cond_fields), *self.noise, *self.call.outputs]
+        if self.control is not None:
+            statics += [*self.control.images, self.control.scales]
         return {
             "pool_bytes": self.call.pool_bytes,
             "static_bytes": sum(t.numel() * t.element_size() for t in statics),

@@ -3,7 +3,7 @@
 import torch
 from torch import Tensor
 
-from diffrt.backends.torch_roles import TorchDenoiser, TorchImageCodec, TorchTextEncoder
+from diffrt.backends.torch_roles import TorchControlNet, TorchDenoiser, TorchImageCodec, TorchTextEncoder
 from diffrt.components import Components
 from diffrt.models.ops import Ops, set_ops
 from diffrt.plan import GenerationPlan, run_plan
@@ -19,12 +19,13 @@ class EagerBackend:
         self.name, self.ops = name, ops
 
     def roles(self, components: Components, dtype: torch.dtype) -> Roles:
-        set_ops(components.unet, self.ops)
-        set_ops(components.vae, self.ops)
+        for module in (components.unet, components.vae, *components.controlnets):
+            set_ops(module, self.ops)
         return Roles(
             text_encoder=TorchTextEncoder(components.text_encoder, components.text_encoder_2),
             denoiser=TorchDenoiser(components.unet),
             codec=TorchImageCodec(components.vae, dtype),
+            controlnets=tuple(TorchControlNet(c) for c in components.controlnets),
         )
 
     def run(self, plan: GenerationPlan, roles: Roles, callback: Callback | None = None) -> tuple[Tensor, Tensor]:

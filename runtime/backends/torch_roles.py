@@ -39,6 +39,19 @@ class TorchDenoiser:
         )
 
 
+class TorchControlNet:
+    """diffrt's ControlNetModel as a ControlNet role: it reads the denoiser's conditioning (text, SDXL's added
+    inputs; never LCM's guidance embedding, as diffusers' ControlNet pipelines pass none)."""
+
+    def __init__(self, controlnet: nn.Module) -> None:
+        self.controlnet = controlnet
+
+    def __call__(
+        self, latents: Tensor, timestep: Tensor, cond: Conditioning, image: Tensor, scale: Tensor | float
+    ) -> tuple[tuple[Tensor, ...], Tensor]:
+        return self.controlnet(latents, timestep, cond.embeds, image, scale, cond.text_embeds, cond.time_ids)
+
+
 class TorchImageCodec:
     """AutoencoderKL or AutoencoderTiny as the image codec: pixel range, latent scaling and the posterior sample
     inside, as diffusers' pipelines apply them. The VAE runs in its own dtype (the SDXL VAE in fp32 under fp16)."""

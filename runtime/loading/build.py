@@ -23,6 +23,7 @@ MODELS: dict[str, tuple[str, str, str, str]] = {
     "AutoencoderTiny": ("diffrt.models.taesd", "AutoencoderTiny", "TAESDConfig", "from_diffusers"),
     "CLIPTextModel": ("diffrt.models.clip", "CLIPTextModel", "CLIPTextConfig", "from_transformers"),
     "CLIPTextModelWithProjection": ("diffrt.models.clip", "CLIPTextModel", "CLIPTextConfig", "from_transformers"),
+    "ControlNetModel": ("diffrt.models.controlnet", "ControlNetModel", "ControlNetConfig", "from_diffusers"),
 }
 # Keys that old exporters saved as state and no module of ours holds (transformers' CLIP position_ids buffer).
 IGNORABLE_SUFFIXES = (".position_ids",)

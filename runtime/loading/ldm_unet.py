@@ -9,6 +9,7 @@ diffusers.loaders.single_file_utils.convert_ldm_unet_checkpoint, written from th
 
 import re
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 
@@ -69,6 +70,50 @@ class _Converter:
         return sorted(set(self.sd) - self.used)
 
 
+@dataclass(frozen=True)
+class DownPath:
+    """The encoder half of an LDM UNet (a ControlNet has only this half): each res block of `input_blocks` adds to
+    the current level, a downsample (`.0.op`) closes it."""
+
+    levels: list[list[int]]  # input block ids of each level's res blocks
+    downsamples: list[int]  # input block id of each level's downsample (all levels but the last)
+    layers: int  # res blocks per level
+    channels: list[int]
+    attention: list[bool]  # per level
+    depth: list[int]  # transformer blocks per level (1 where there is no attention)
+
+    @classmethod
+    def read(cls, sd: dict, inp: dict, where: str) -> "DownPath":
+        levels: list[list[int]] = [[]]
+        downsamples: list[int] = []
+        for i in sorted(k for k in inp if k > 0):
+            if any(r.startswith("op.") for r in inp[i][0]):
+                downsamples.append(i)
+                levels.append([])
+            else:
+                levels[-1].append(i)
+        counts = {len(lv) for lv in levels}
+        if len(counts) != 1 or 0 in counts:
+            raise CheckpointError(f"{where}: UNet levels have unequal res block counts {[len(lv) for lv in levels]}")
+        channels = [sd[f"input_blocks.{lv[0]}.0.out_layers.3.weight"].shape[0] for lv in levels]
+        attention = [bool(inp[lv[0]].get(1)) for lv in levels]
+        depth = [_depth(inp[lv[0]][1]) if a else 1 for lv, a in zip(levels, attention, strict=True)]
+        return cls(levels, downsamples, counts.pop(), channels, attention, depth)
+
+    def move(self, c: "_Converter", mid_attention: bool) -> None:
+        """The down blocks' and the middle block's keys to diffusers' names."""
+        for level, ids in enumerate(self.levels):
+            for j, i in enumerate(ids):
+                c.move(f"input_blocks.{i}.0", f"down_blocks.{level}.resnets.{j}", _RESNET)
+                c.move(f"input_blocks.{i}.1", f"down_blocks.{level}.attentions.{j}")
+            if level < len(self.downsamples):
+                c.move(f"input_blocks.{self.downsamples[level]}.0.op", f"down_blocks.{level}.downsamplers.0.conv")
+        c.move("middle_block.0", "mid_block.resnets.0", _RESNET)
+        if mid_attention:
+            c.move("middle_block.1", "mid_block.attentions.0")
+            c.move("middle_block.2", "mid_block.resnets.1", _RESNET)
+
+
 @missing_key_errors("UNet")
 def convert_unet(
     sd: dict[str, torch.Tensor], where: str, family: str | None = None, pooled_dim: int | None = None
@@ -91,22 +136,9 @@ def _convert_unet(sd: dict, where: str, family: str | None, pooled_dim: int | No
         if m := re.match(r"^middle_block\.(\d+)\.(.+)$", k):
             mid[int(m[1])].append(m[2])
 
-    # Down path: each res block adds to the current level; a downsample (`.0.op`) closes it.
-    levels: list[list[int]] = [[]]
-    downsamples: list[int] = []
-    for i in sorted(k for k in inp if k > 0):
-        if any(r.startswith("op.") for r in inp[i][0]):
-            downsamples.append(i)
-            levels.append([])
-        else:
-            levels[-1].append(i)
-    counts = {len(lv) for lv in levels}
-    if len(counts) != 1 or 0 in counts:
-        raise CheckpointError(f"{where}: UNet levels have unequal res block counts {[len(lv) for lv in levels]}")
-    layers = counts.pop()
-    channels = [sd[f"input_blocks.{lv[0]}.0.out_layers.3.weight"].shape[0] for lv in levels]
-    down_attn = [bool(inp[lv[0]].get(1)) for lv in levels]
-    down_depth = [_depth(inp[lv[0]][1]) if a else 1 for lv, a in zip(levels, down_attn, strict=True)]
+    down = DownPath.read(sd, inp, where)
+    levels, layers, channels = down.levels, down.layers, down.channels
+    down_attn, down_depth = down.attention, down.depth
     n_levels = len(levels)
     if sorted(outp) != list(range(n_levels * (layers + 1))):
         raise CheckpointError(
@@ -185,15 +217,7 @@ def _convert_unet(sd: dict, where: str, family: str | None, pooled_dim: int | No
     c = _Converter(sd)
     for old, new in _TOP.items():
         c.move(old, new)
-    for level, ids in enumerate(levels):
-        for j, i in enumerate(ids):
-            c.move(f"input_blocks.{i}.0", f"down_blocks.{level}.resnets.{j}", _RESNET)
-            c.move(f"input_blocks.{i}.1", f"down_blocks.{level}.attentions.{j}")
-        if level < len(downsamples):
-            c.move(f"input_blocks.{downsamples[level]}.0.op", f"down_blocks.{level}.downsamplers.0.conv")
-    c.move("middle_block.0", "mid_block.resnets.0", _RESNET)
-    c.move("middle_block.1", "mid_block.attentions.0")
-    c.move("middle_block.2", "mid_block.resnets.1", _RESNET)
+    down.move(c, mid_attention=True)
     for u in range(n_levels):
         for j in range(layers + 1):
             i = u * (layers + 1) + j

@@ -106,6 +106,14 @@ class UNetConfig:
             )
 
     @property
+    def family(self) -> str:
+        """ "sd1" / "sd2" / "sdxl" by the families' structure: SDXL's added text/time conditioning, SD2's linear
+        projections (SD1: 1x1-conv projections)."""
+        if self.addition_embed_type == "text_time":
+            return "sdxl"
+        return "sd2" if self.use_linear_projection else "sd1"
+
+    @property
     def time_embed_dim(self) -> int:
         return self.time_embedding_dim or 4 * self.block_out_channels[0]
 

@@ -1,4 +1,4 @@
-"""`diffrt train {vae,text,unet,lcm,judge,export}`: the training stages of the embedded model, resumable.
+"""`diffrt train {vae,text,unet,lcm,controlnet,judge,export}`: the training stages of the embedded model, resumable.
 
 A run folder holds run.json (the architecture, fixed at the first stage by --preset) and one folder per stage. Run
 the stages in order (vae and text in either order, then unet, then lcm); each one resumes from its last checkpoint
@@ -15,12 +15,14 @@ TRAINERS = {  # stage -> (module, function)
     "text": ("diffrt.train.text", "train_text"),
     "unet": ("diffrt.train.unet", "train_unet"),
     "lcm": ("diffrt.train.lcm", "train_lcm"),
+    "controlnet": ("diffrt.train.controlnet", "train_controlnet"),
 }
 EXTRA_FLAGS = {  # stage-specific settings (recipes.STAGES[stage].extra), as --flag-name
     "vae": {"kl_weight": float, "l2_weight": float},
     "text": {},
     "unet": {"text_lr": float, "caption_dropout": float, "ema_decay": float},
     "lcm": {"w_min": float, "w_max": float, "ddim_steps": int, "ema_decay": float, "huber_c": float},
+    "controlnet": {"w_min": float, "w_max": float},
 }
 
 
@@ -40,6 +42,8 @@ def add_parser(subparsers) -> None:
         s.add_argument("--workers", type=int, default=None, help="data processes (default: CPUs - 1 on CUDA, else 0)")
         s.add_argument("--max-minutes", type=float, default=None, help="save and stop after this long")
         s.add_argument("--save-every", type=int, default=None, help="steps between checkpoints")
+        if stage == "controlnet":
+            s.add_argument("--model", default=None, help="the diffusers folder it controls (default: the embedded)")
         s.set_defaults(func=run_stage)
 
     j = stages.add_parser("judge", help="train the adherence judge on procedural images")
@@ -76,6 +80,8 @@ def run_stage(args: argparse.Namespace) -> int:
     module, name = TRAINERS[args.stage]
     train = getattr(importlib.import_module(module), name)
     kw = {"save_every": args.save_every} if args.save_every else {}
+    if getattr(args, "model", None):
+        kw["model"] = args.model
     max_seconds = args.max_minutes * 60 if args.max_minutes is not None else None
     result = train(args.run, settings, device=device, workers=workers, max_seconds=max_seconds, **kw)
     state = "finished" if result["done"] else "paused (run again to continue)"

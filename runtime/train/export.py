@@ -18,7 +18,7 @@ from diffrt.train.checkpoint import atomic_save_file, atomic_write_json, read_st
 from diffrt.train.recipes import NOISE_SCHEDULE
 
 DIFFUSERS_VERSION = "0.42.1"  # the version whose format these files follow (and that the tests load them with)
-WEIGHTS = {"UNet2DConditionModel": "diffusion_pytorch_model", "AutoencoderKL": "diffusion_pytorch_model"}
+WEIGHTS = {name: "diffusion_pytorch_model" for name in ("UNet2DConditionModel", "AutoencoderKL", "ControlNetModel")}
 SCHEDULERS = {
     # LCMScheduler on SD's noise schedule; original_inference_steps is the DDIM solver's step count the student was
     # distilled on (recipes.STAGES["lcm"] ddim_steps; export_pipeline writes the run's value).

@@ -140,6 +140,10 @@ STAGES: dict[str, StageSettings] = {
         warmup=200,
         extra={"w_min": 2.0, "w_max": 8.0, "ddim_steps": 50, "ema_decay": 0.95, "huber_c": 0.001},
     ),
+    # The embedded model's ControlNet (diffrt.train.controlnet), sized for a few minutes of one H200: the UNet stage
+    # ran 0.16 s/step at batch 1024 on an H100; this step is about a UNet step at half that batch (frozen UNet forward
+    # and backward to the residuals, plus the ControlNet's), so 3000 steps x 512 is about 5 minutes (not measured).
+    "controlnet": StageSettings(steps=3_000, batch=512, lr=1e-4, warmup=100, extra={"w_min": 2.0, "w_max": 8.0}),
 }
 
 

@@ -61,6 +61,29 @@ def unet_to_ldm(sd: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Te
     return out
 
 
+def controlnet_to_ldm(sd: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """ControlNetModel keys -> the original cldm.py keys (without `control_model.`): the encoder as the UNet's,
+    `zero_convs.N.0`, `middle_block_out.0` and `input_hint_block.{0, 2, ...}` (SiLUs at the odd indices)."""
+    encoder = {k: v for k, v in sd.items() if not k.startswith("controlnet_")}
+    out = {
+        k.removeprefix("model.diffusion_model."): v
+        for k, v in unet_to_ldm(encoder, {**config, "up_block_types": []}).items()
+    }
+    hint = [k for k in sd if k.startswith("controlnet_cond_embedding.blocks.") and k.endswith(".weight")]
+    for key, value in sd.items():
+        if m := re.match(r"controlnet_down_blocks\.(\d+)\.(\w+)", key):
+            out[f"zero_convs.{m[1]}.0.{m[2]}"] = value
+        elif m := re.match(r"controlnet_mid_block\.(\w+)", key):
+            out[f"middle_block_out.0.{m[1]}"] = value
+        elif m := re.match(r"controlnet_cond_embedding\.conv_in\.(\w+)", key):
+            out[f"input_hint_block.0.{m[1]}"] = value
+        elif m := re.match(r"controlnet_cond_embedding\.blocks\.(\d+)\.(\w+)", key):
+            out[f"input_hint_block.{2 * (int(m[1]) + 1)}.{m[2]}"] = value
+        elif m := re.match(r"controlnet_cond_embedding\.conv_out\.(\w+)", key):
+            out[f"input_hint_block.{2 * (len(hint) + 1)}.{m[1]}"] = value
+    return out
+
+
 def vae_to_ldm(sd: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
     """AutoencoderKL keys -> `first_stage_model.*` (decoder levels counted from the bottom, attention as 1x1 conv)."""
     n = len(config["block_out_channels"])

@@ -1,0 +1,227 @@
+"""On the device: LoRA switching under a captured CUDA graph, and ControlNet's per-step cost; SD1.5 architecture,
+random weights, 512x512, fp16 (what they measure does not depend on the values).
+
+- lora: one UNet step captured in a CUDA graph; LoRA A (rank 64 on every attention, feed-forward, projection and
+  resnet conv) fused, then switched to B, with no recapture: after each change the replay must change and equal an
+  eager call on the new weights (the switch takes effect on the next image). Rows: replay ms without a LoRA / with
+  A / with B (fused LoRAs cost nothing per step), and the switch's wall time (unfuse A + fuse B, synchronized)
+  against four replayed steps (a 4-step generation's UNet time, a lower bound of one generation).
+- controlnet: one denoiser step under CFG (batch 2: UNet + ControlNet): diffrt eager, diffrt replayed from a CUDA
+  graph, diffusers eager, diffusers with torch.compile (both models, default mode), all in this call on the same
+  weights; each also without the ControlNet, so the rows show what it adds.
+
+    python benchmarks/adapters.py --json adapters.json
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.accuracy import max_rel_error
+from benchmarks.environment import environment
+from diffrt.loading.lora import adaptable_modules, read_lora
+from diffrt.lora import LoRAWeights, match_lora
+from diffrt.models.controlnet import controlnet_from_unet
+from diffrt.models.unet import UNet2DConditionModel, UNetConfig
+
+LORA_TARGETS = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+)
+
+
+def random_kohya_lora(unet: torch.nn.Module, rank: int, seed: int, path: str) -> str:
+    """A kohya-layout LoRA on the targets (diffusers module names with _), small random values."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, m in adaptable_modules(unet).items():
+        if not name.endswith(LORA_TARGETS):
+            continue
+        w, stem = m.weight, "lora_unet_" + name.replace(".", "_")
+        tensors[f"{stem}.lora_down.weight"] = torch.randn((rank, *w.shape[1:]), generator=g) * 0.01
+        up = (w.shape[0], rank) + ((1, 1) if w.ndim == 4 else ())
+        tensors[f"{stem}.lora_up.weight"] = torch.randn(up, generator=g) * 0.01
+        tensors[f"{stem}.alpha"] = torch.tensor(float(rank))
+    save_file({k: v.half().contiguous() for k, v in tensors.items()}, path)
+    return path
+
+
+def capture(fn):
+    """(graph, its output) of fn captured after a warm-up on a side stream."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+def time_ms(fn, reps: int = 50) -> dict:
+    """median, p20, p80 ms of fn (CUDA events around each call, after 5 warm-up calls)."""
+    for _ in range(5):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for s, e in zip(starts, ends, strict=True):
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    times = torch.tensor([s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)])
+    med, p20, p80 = torch.quantile(times, torch.tensor([0.5, 0.2, 0.8])).tolist()
+    return {"median_ms": med, "p20_ms": p20, "p80_ms": p80, "reps": reps}
+
+
+def lora_rows(unet, x, t, ctx, rank: int, folder: str) -> dict:
+    paths = [random_kohya_lora(unet, rank, seed, os.path.join(folder, f"lora_{n}.safetensors"))
+             for seed, n in ((1, "a"), (2, "b"))]  # fmt: skip
+    files = [match_lora(read_lora(p), {"unet": unet}) for p in paths]
+    weights = LoRAWeights({"unet": unet})
+    graph, out = capture(lambda: unet(x, t, ctx))
+    rows = {"rank": rank, "layers": len(files[0])}
+    graph.replay()
+    before = out.clone()
+    rows["no_lora"] = time_ms(graph.replay)
+    for name, layers, path in (("a", files[0], paths[0]), ("b", files[1], paths[1])):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        if weights.loaded:
+            weights.remove()
+        weights.add(name, path, layers, 1.0)
+        torch.cuda.synchronize()
+        switch_ms = (time.perf_counter() - t0) * 1e3
+        graph.replay()
+        replayed = out.clone()
+        eager = unet(x, t, ctx)
+        rows[f"lora_{name}"] = {
+            **time_ms(graph.replay),
+            "fuse_or_switch_wall_ms": switch_ms,
+            "replay_changed": max_rel_error(replayed, before),
+            "replay_vs_eager_max_rel_error": max_rel_error(replayed, eager),
+        }
+        before = replayed
+    weights.remove()
+    graph.replay()
+    rows["unfused_replay_vs_original"] = max_rel_error(out, unet(x, t, ctx))
+    rows["four_steps_ms"] = 4 * rows["no_lora"]["median_ms"]
+    rows["switch_below_four_steps"] = rows["lora_b"]["fuse_or_switch_wall_ms"] < rows["four_steps_ms"]
+    return rows
+
+
+def controlnet_rows(unet, cfg: UNetConfig, size: int, compile_peer: bool) -> dict:
+    from diffusers import ControlNetModel as PeerControlNet
+    from diffusers import UNet2DConditionModel as PeerUNet
+
+    from benchmarks.diffusers_configs import SD15
+
+    controlnet, cn_config = controlnet_from_unet(unet.float().cpu())
+    unet.cuda().half()
+    with torch.no_grad():  # nonzero output convs, so both run the same arithmetic on nonzero residuals
+        for p in controlnet.parameters():
+            if not p.any():
+                p.normal_(0, 1e-3)
+    controlnet = controlnet.cuda().half().eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(3)
+    lat = size // 8
+    x = torch.randn(2, 4, lat, lat, generator=g).cuda().half()
+    ctx = torch.randn(2, 77, cfg.cross_attention_dim, generator=g).cuda().half()
+    image = torch.rand(2, 3, size, size, generator=g).cuda().half()
+    t, scale = torch.tensor(999.0, device="cuda"), torch.tensor(1.0, device="cuda")
+
+    def ours():
+        down, mid = controlnet(x, t, ctx, image, scale)
+        return unet(x, t, ctx, down_block_additional_residuals=down, mid_block_additional_residual=mid)
+
+    rows = {"batch": "2 (CFG)", "size": size}
+    rows["diffrt_eager"], rows["diffrt_eager_unet_only"] = time_ms(ours), time_ms(lambda: unet(x, t, ctx))
+    graph, _ = capture(ours)
+    rows["diffrt_graph"] = time_ms(graph.replay)
+    graph_unet, _ = capture(lambda: unet(x, t, ctx))
+    rows["diffrt_graph_unet_only"] = time_ms(graph_unet.replay)
+    peer_unet = PeerUNet(**{k: v for k, v in SD15.items() if not k.startswith("_")})
+    peer_unet.load_state_dict({k: v.float() for k, v in unet.state_dict().items()})
+    peer_cn = PeerControlNet(**{k: v for k, v in cn_config.items() if not k.startswith("_")})
+    peer_cn.load_state_dict({k: v.float() for k, v in controlnet.state_dict().items()})
+    peer_unet, peer_cn = (m.cuda().half().eval().requires_grad_(False) for m in (peer_unet, peer_cn))
+
+    def peer(u, c):
+        def step():
+            down, mid = c(x, t, ctx, image, conditioning_scale=1.0, return_dict=False)
+            return u(x, t, ctx, down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                     return_dict=False)[0]  # fmt: skip
+
+        return step
+
+    rows["diffusers_eager"] = time_ms(peer(peer_unet, peer_cn))
+    rows["diffusers_eager_unet_only"] = time_ms(lambda: peer_unet(x, t, ctx, return_dict=False)[0])
+    rows["diffrt_vs_diffusers_max_rel_error"] = max_rel_error(ours(), peer(peer_unet, peer_cn)())
+    if compile_peer:
+        t0 = time.perf_counter()
+        cu, cc = torch.compile(peer_unet), torch.compile(peer_cn)
+        step = peer(cu, cc)
+        step()
+        torch.cuda.synchronize()
+        rows["diffusers_compile_seconds"] = time.perf_counter() - t0
+        rows["diffusers_compile"] = time_ms(step)
+        rows["diffusers_compile_unet_only"] = time_ms(lambda: cu(x, t, ctx, return_dict=False)[0])
+    for name in ("diffrt_eager", "diffrt_graph", "diffusers_eager", "diffusers_compile"):
+        if name in rows:
+            rows[f"{name}_controlnet_adds_ms"] = rows[name]["median_ms"] - rows[f"{name}_unet_only"]["median_ms"]
+    return rows
+
+
+@torch.no_grad()  # not inference_mode: tensors made under it cannot be written in place outside it
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--only", choices=("lora", "controlnet"), default=None)
+    ap.add_argument("--no-compile", action="store_true", help="skip diffusers + torch.compile (its compile is slow)")
+    ap.add_argument("--commit", default=None)
+    ap.add_argument("--json", default="adapters.json")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/adapters.py needs a CUDA GPU")
+    cfg = UNetConfig.preset("sd15")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(cfg).cuda().half().eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    lat = args.size // 8
+    x = torch.randn(1, 4, lat, lat, generator=g).cuda().half()
+    ctx = torch.randn(1, 77, cfg.cross_attention_dim, generator=g).cuda().half()
+    t = torch.tensor(999.0, device="cuda")
+    report = {"environment": {**environment(args.commit), "dtype": "float16", "preset": "sd15", "size": args.size}}
+    with tempfile.TemporaryDirectory() as folder:
+        if args.only in (None, "lora"):
+            report["lora"] = lora_rows(unet, x, t, ctx, args.rank, folder)
+            print(json.dumps(report["lora"], indent=1))
+    if args.only in (None, "controlnet"):
+        report["controlnet"] = controlnet_rows(unet, cfg, args.size, not args.no_compile)
+        print(json.dumps(report["controlnet"], indent=1))
+    with open(args.json, "w") as f:
+        json.dump(report, f, indent=2)
+    return report
+
+
+if __name__ == "__main__":
+    main()
