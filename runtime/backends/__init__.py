@@ -29,7 +29,7 @@ class Backend(Protocol):
     ) -> "tuple[Tensor, Tensor]": ...
 
 
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "triton", "onnxruntime", "tensorrt")
 
 
 def default_backend(device: "str | torch.device") -> str:
@@ -38,7 +38,9 @@ def default_backend(device: "str | torch.device") -> str:
 
 
 def make_backend(backend: "str | Backend") -> "Backend":
-    """A backend by name (BACKENDS), or the given backend object itself."""
+    """A backend by name (BACKENDS), or the given backend object itself. By name, "onnxruntime" and "tensorrt" export
+    the pipeline's modules on first use into a cache folder; construct OnnxRuntimeBackend(DIR) or
+    TensorRTBackend(DIR, ...) to run a `diffrt export` folder or choose providers, profiles and caches."""
     if not isinstance(backend, str):
         return backend
     from diffrt.backends.eager import EagerBackend
@@ -48,4 +50,12 @@ def make_backend(backend: "str | Backend") -> "Backend":
         return EagerBackend("torch", TORCH_OPS)
     if backend == "triton":
         return EagerBackend("triton", TRITON_OPS)
+    if backend == "onnxruntime":
+        from diffrt.backends.onnxruntime import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend()
+    if backend == "tensorrt":
+        from diffrt.backends.tensorrt import TensorRTBackend
+
+        return TensorRTBackend()
     raise ValueError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
