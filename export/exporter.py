@@ -9,6 +9,8 @@ last, so a folder whose checks failed has none and cannot be loaded.
 """
 
 import copy
+import hashlib
+import json
 import os
 import sys
 
@@ -16,6 +18,7 @@ import torch
 from torch import nn
 
 from diffrt.components import Components
+from diffrt.export.exported import open_export
 from diffrt.export.graphs import COMPONENTS, graph_module, graph_spec, sample_inputs
 from diffrt.export.manifest import (
     FORMAT,
@@ -198,3 +201,21 @@ def export_model(
         components.vae = load_model(vae, component=None)
         record["vae"] = source_record(vae, seed, is_preset=False)
     return export_components(components, out_dir, source=record, **options)
+
+
+def export_cached(
+    components: Components, dtype: torch.dtype, device: torch.device, cache_dir: str, opset: int = 18
+) -> str:
+    """A folder under `cache_dir` holding an export of exactly these modules in `dtype` (weights hashed, not file
+    names trusted), exported now if it is missing or no longer matches its manifest."""
+    record = {"version": VERSION, "opset": opset, "dtype": str(dtype),
+              "weights": {n: weights_sha256(m) for n, m in component_modules(components).items()}}  # fmt: skip
+    folder = os.path.join(cache_dir, hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:32])
+    try:
+        open_export(folder)
+        return folder
+    except CheckpointError:  # absent, incomplete or changed: export (again)
+        pass
+    export_components(components, folder, dtype=dtype, opset=opset, device=device, source={"cache_key": record},
+                      progress=sys.stderr.isatty())  # fmt: skip
+    return folder

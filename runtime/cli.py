@@ -9,7 +9,7 @@ import sys
 
 import diffrt
 
-SUBCOMMANDS = ("diffrt.cli_generate", "diffrt.loading.info", "diffrt.train.cli")
+SUBCOMMANDS = ("diffrt.cli_generate", "diffrt.loading.info", "diffrt.train.cli", "diffrt.export.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,12 +14,30 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from diffrt.backends.torch_roles import TorchDenoiser, TorchImageCodec
 from diffrt.export.graphs import GraphSpec
 from diffrt.models.clip import CLIPTextConfig
 from diffrt.models.text_conditioning import check_clip_skip, deepest_clip_skip
 from diffrt.models.vae import LatentDistribution
+from diffrt.roles import Roles
 
 GraphRunner = Callable[[dict[str, Tensor]], dict[str, Tensor]]
+
+
+def graph_roles(model, make_runner: Callable[[str], GraphRunner], device, dtype: torch.dtype) -> Roles:
+    """The three roles over an opened export (diffrt.export.exported.ExportedModel), each graph run by
+    `make_runner(component)`; latents and embeddings in `dtype`, the VAE in the dtype it was exported in."""
+    present = set(model.paths)
+    encoders = {n: make_runner(n) for n in ("text_encoder", "text_encoder_2") if n in present}
+    encoder = "vae_encoder" in present
+    vae = GraphVae(make_runner("vae_encoder") if encoder else None, make_runner("vae_decoder"),
+                   model.graph("vae_encoder") if encoder else None, model.graph("vae_decoder"),
+                   model.config("vae_decoder"))  # fmt: skip
+    return Roles(
+        text_encoder=GraphTextEncoder(encoders, {n: model.config(n) for n in encoders}, dtype, device),
+        denoiser=TorchDenoiser(GraphUNet(make_runner("unet"), model.graph("unet"))),
+        codec=TorchImageCodec(vae, dtype, vae_dtype=getattr(torch, model.dtype("vae_decoder"))),
+    )
 
 
 def feeds_for(spec: GraphSpec, values: dict[str, Tensor | None]) -> dict[str, Tensor]:

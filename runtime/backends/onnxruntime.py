@@ -14,8 +14,6 @@ are fixed to it (so every node is static and on the GPU) with ORT's CUDA graph o
 and replays it after. Each such session holds its own copy of the weights: `max_graphs` bounds how many are kept.
 """
 
-import hashlib
-import json
 import os
 from collections import OrderedDict
 
@@ -23,8 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffrt.backends.graph_roles import GraphTextEncoder, GraphUNet, GraphVae
-from diffrt.backends.torch_roles import TorchDenoiser, TorchImageCodec
+from diffrt.backends.graph_roles import graph_roles
 from diffrt.components import Components
 from diffrt.export.graphs import GraphSpec
 from diffrt.plan import GenerationPlan, run_plan
@@ -175,51 +172,21 @@ class OnnxRuntimeBackend:
 
     def roles(self, components: Components, dtype: torch.dtype) -> Roles:
         from diffrt.export.exported import open_export
+        from diffrt.export.exporter import export_cached
 
         device = next(components.unet.parameters()).device
-        folder = self.export_dir or self.export_cached(components, dtype, device)
+        folder = self.export_dir or export_cached(components, dtype, device, self.cache_dir, self.opset)
         return self.roles_for_export(open_export(folder), device, dtype)
-
-    def export_cached(self, components: Components, dtype: torch.dtype, device: torch.device) -> str:
-        """The cache folder holding an export of exactly these modules (exported now if missing or invalid)."""
-        from diffrt.export.exported import open_export
-        from diffrt.export.exporter import component_modules, export_components
-        from diffrt.export.manifest import VERSION, weights_sha256
-        from diffrt.loading.errors import CheckpointError
-
-        record = {"version": VERSION, "opset": self.opset, "dtype": str(dtype),
-                  "weights": {n: weights_sha256(m) for n, m in component_modules(components).items()}}  # fmt: skip
-        folder = os.path.join(self.cache_dir, hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest())
-        try:
-            open_export(folder)
-            return folder
-        except CheckpointError:  # absent, incomplete or changed: export (again)
-            pass
-        export_components(components, folder, dtype=dtype, opset=self.opset, device=device,
-                          source={"cache_key": record})  # fmt: skip
-        return folder
 
     def roles_for_export(self, model, device: str | torch.device, dtype: torch.dtype) -> Roles:
         """Roles over an opened export (diffrt.export.exported.ExportedModel) on `device`; latents in `dtype`."""
         device = torch.device(device)
 
-        def runner(name: str) -> OrtRunner | None:
-            if name not in model.paths:
-                return None
+        def runner(name: str) -> OrtRunner:
             return OrtRunner(model.model_path(name), model.graph(name), device, providers=self.providers,
                              threads=self.threads, cuda_graph=self.cuda_graph, max_graphs=self.max_graphs)  # fmt: skip
 
-        encoders = {n: runner(n) for n in ("text_encoder", "text_encoder_2") if n in model.paths}
-        encoder_configs = {n: model.config(n) for n in encoders}
-        has_encoder = "vae_encoder" in model.paths
-        vae = GraphVae(runner("vae_encoder"), runner("vae_decoder"),
-                       model.graph("vae_encoder") if has_encoder else None, model.graph("vae_decoder"),
-                       model.config("vae_decoder"))  # fmt: skip
-        return Roles(
-            text_encoder=GraphTextEncoder(encoders, encoder_configs, dtype, device),
-            denoiser=TorchDenoiser(GraphUNet(runner("unet"), model.graph("unet"))),
-            codec=TorchImageCodec(vae, dtype, vae_dtype=getattr(torch, model.dtype("vae_decoder"))),
-        )
+        return graph_roles(model, runner, device, dtype)
 
     def pipeline(self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
         """A pipeline over `export_dir` alone (no torch modules are built); dtype: the latents', default the
