@@ -19,7 +19,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--vae", default=None, help="a VAE or TAESD checkpoint to export instead of the model's own")
     p.add_argument("--device", default=None, help="where to trace and check (default: cuda when available)")
     p.add_argument("--check-at", nargs="+", default=None, metavar="B,H,W[,S]",
-                   help="shapes (pixels, tokens) to check each file at (default 1,64,96,77 2,128,64,20)")  # fmt: skip
+                   help="shapes (pixels, tokens) to check each file at (default 1,64,96,77 2,48,32,20)")  # fmt: skip
     p.add_argument("--no-check", action="store_true", help="skip running the files on ONNX Runtime")
     p.add_argument("--tolerance", type=float, default=None, help="max relative error (default 1e-4 fp32, 2e-2 fp16)")
     p.add_argument("--seed", type=int, default=0, help="a preset's random weights")

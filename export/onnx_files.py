@@ -64,6 +64,7 @@ def export_onnx(
                 dynamic_axes=spec.dynamic_axes(),
             )
         model = onnx.load(raw)  # also reads the per-tensor files a >2 GB export was scattered into
+        _declare_outputs(model, spec)
         for key, value in (metadata or {}).items():
             model.metadata_props.add(key=key, value=value)
         final = os.path.join(tmp, name)
@@ -79,6 +80,20 @@ def export_onnx(
             os.replace(os.path.join(tmp, os.path.basename(target)), target)
         shutil.rmtree(os.path.join(tmp, "raw"))
     return written[::-1]
+
+
+def _declare_outputs(model: onnx.ModelProto, spec: GraphSpec) -> None:
+    """Write the spec's output dims into the graph: the exporter names some static dims symbolically (a Concat's
+    channels), and a consumer (TensorRT, IO binding) should read the interface the spec promises."""
+    for value, t in zip(model.graph.output, spec.outputs, strict=True):
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) != len(t.dims):
+            raise ValueError(f"exported output {value.name} has rank {len(dims)}, its spec {len(t.dims)}")
+        for dim, want in zip(dims, t.dims, strict=True):
+            if isinstance(want, str):
+                dim.dim_param = want
+            else:
+                dim.dim_value = want
 
 
 def _tensor_bytes(model: onnx.ModelProto) -> int:

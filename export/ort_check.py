@@ -35,7 +35,7 @@ class CheckShape:
             raise ValueError(f"check shape {text!r}: write BATCH,HEIGHT,WIDTH[,SEQUENCE], e.g. 2,512,768 ({e})") from e
 
 
-DEFAULT_CHECKS = (CheckShape(1, 64, 96, 77), CheckShape(2, 128, 64, 20))  # two resolutions, batches, sequences
+DEFAULT_CHECKS = (CheckShape(1, 64, 96, 77), CheckShape(2, 48, 32, 20))  # two resolutions, batches, sequences
 
 
 def providers_for(device: torch.device | str) -> list[str]:
