@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 
 import torch
 from torch import nn
@@ -102,6 +103,7 @@ def export_components(
             graph, gspec = graph_module(name, work), graph_spec(name, work, dt)
             inputs = {k: v.to(device) for k, v in sample_inputs(gspec, TRACE_AXES, hidden_layer=1).items()}
             path = os.path.join(out_dir, f"{name}.onnx")
+            start = time.perf_counter()
             files = export_onnx(graph, gspec, inputs, path, opset, metadata={"diffrt.component": name},
                                 external_data_above=external_data_above)  # fmt: skip
             steps.update()
@@ -113,12 +115,15 @@ def export_components(
                 "dtype": str(dt).removeprefix("torch."),
                 "weights_sha256": weights_sha256(module),
                 "graph": gspec.as_json(),
+                "export_seconds": round(time.perf_counter() - start, 2),
                 "checked": [],
             }
             if checks:
                 steps.set_description(f"check {name} on ONNX Runtime")
+                start = time.perf_counter()
                 reference = graph_module(name, work.float())  # fp32 maths on the exported (rounded) weights
                 entry["checked"] = check_file(path, name, reference, gspec, checks, device, tolerance or TOLERANCE[dt])
+                entry["check_seconds"] = round(time.perf_counter() - start, 2)
                 steps.update()
             del work, graph
             entries[name] = entry

@@ -43,7 +43,23 @@ def providers_for(device: torch.device | str) -> list[str]:
     import onnxruntime as ort
 
     cuda = torch.device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
+    if cuda:
+        preload_cuda_libraries()
     return ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+
+
+_preloaded = False
+
+
+def preload_cuda_libraries() -> None:
+    """onnxruntime-gpu >= 1.21 finds the CUDA and cuDNN libraries that torch's wheels ship only once told to
+    (`onnxruntime.preload_dlls`); without it the CUDA provider fails to load and ORT falls back to the CPU."""
+    global _preloaded
+    import onnxruntime as ort
+
+    if not _preloaded and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+    _preloaded = True
 
 
 def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

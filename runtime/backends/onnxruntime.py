@@ -60,6 +60,10 @@ class OrtRunner:
                 "the onnxruntime backend on CUDA needs onnxruntime-gpu (CUDAExecutionProvider); this onnxruntime has "
                 f"{ort.get_available_providers()}: pip install onnxruntime-gpu, or run on device='cpu'"
             )
+        if self.cuda:
+            from diffrt.export.ort_check import preload_cuda_libraries
+
+            preload_cuda_libraries()
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.providers = providers or self._providers()
         self.run_options = ort.RunOptions()
@@ -81,7 +85,13 @@ class OrtRunner:
             options.intra_op_num_threads = self.threads
         for name, value in fixed_dims.items():
             options.add_free_dimension_override_by_name(name, value)
-        return self.ort.InferenceSession(self.path, options, providers=self.providers)
+        session = self.ort.InferenceSession(self.path, options, providers=self.providers)
+        if self.cuda and session.get_providers()[0] != "CUDAExecutionProvider":  # ORT falls back to the CPU silently
+            raise RuntimeError(
+                f"{self.path}: ONNX Runtime could not start its CUDA provider (it fell back to "
+                f"{session.get_providers()}); see its log above: usually CUDA or cuDNN libraries it cannot find"
+            )
+        return session
 
     def __call__(self, feeds: dict[str, Tensor]) -> dict[str, Tensor]:
         if not self.cuda:
