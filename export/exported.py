@@ -61,14 +61,17 @@ class ExportedModel:
 
     @property
     def spec(self) -> ModelSpec:
-        missing = [c for c in PIPELINE_COMPONENTS if c not in self.paths]
-        if missing or not {"text_encoder", "text_encoder_2"} & set(self.paths):
+        """What a pipeline needs to know of the model; read from the manifest alone (describe_export gives it
+        before any file is checked)."""
+        present = set(self.components)
+        missing = [c for c in PIPELINE_COMPONENTS if c not in present]
+        if missing or not {"text_encoder", "text_encoder_2"} & present:
             raise CheckpointError(
                 f"{self.folder}: a pipeline needs unet, vae_decoder and a text encoder; this export has "
                 f"{', '.join(self.components)}; export the whole model (diffrt export without --components)"
             )
         model = self.manifest["model"]
-        encoders = tuple(self.config(c) if c in self.paths else None for c in ("text_encoder", "text_encoder_2"))
+        encoders = tuple(self.config(c) if c in present else None for c in ("text_encoder", "text_encoder_2"))
         return model_spec(
             self.config("unet"),
             self.config("vae_decoder"),
@@ -78,6 +81,12 @@ class ExportedModel:
             force_zeros_for_empty_prompt=model["force_zeros_for_empty_prompt"],
             is_random=model["is_random"],
         )
+
+
+def describe_export(folder: str | os.PathLike) -> ExportedModel:
+    """The manifest read, no file checked or opened yet: enough to check a request (CLI) before loading."""
+    folder = os.path.abspath(os.fspath(folder))
+    return ExportedModel(folder, read_manifest(folder))
 
 
 def open_export(folder: str | os.PathLike, components: tuple[str, ...] | None = None) -> ExportedModel:

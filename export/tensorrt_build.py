@@ -69,7 +69,13 @@ def make_builder(trt, flavour: str, *, opt_level: int = 3, timing_cache: str | N
         config = builder.create_builder_config()
         config.builder_optimization_level = opt_level
         if request.precision in ("fp16", "bf16"):
-            config.set_flag(getattr(trt.BuilderFlag, request.precision.upper()))
+            flag = getattr(trt.BuilderFlag, request.precision.upper(), None)
+            if flag is None:  # weakly typed builds are deprecated in TensorRT 10 and may be gone from later ones
+                raise ValueError(
+                    f"{flavour} {trt.__version__} has no {request.precision} builder flag; export in that precision "
+                    "and build strongly typed (no precision flag)"
+                )
+            config.set_flag(flag)
         profile = builder.create_optimization_profile()
         for name, (lo, mid, hi) in request.shapes.items():
             profile.set_shape(name, lo, mid, hi)

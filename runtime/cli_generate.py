@@ -109,8 +109,9 @@ def run_generate(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
     # 2. Describe the model (configs and tokenizers; no weights are read) and check the whole request against it.
     model = args.model or DEFAULT_MODEL
-    source = open_model(model, variant=args.variant, allow_pickle=args.allow_pickle, tokenizer=args.tokenizer,
-                        prediction_type=args.prediction_type)  # fmt: skip
+    exported = exported_model(model, args.backend)
+    source = exported or open_model(model, variant=args.variant, allow_pickle=args.allow_pickle,
+                                    tokenizer=args.tokenizer, prediction_type=args.prediction_type)  # fmt: skip
     request = GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
         steps=args.steps, sampler=args.sampler, guidance_scale=args.cfg, eta=args.eta, seed=args.seed,
@@ -130,7 +131,10 @@ def run_generate(args: argparse.Namespace) -> int:
 
     from diffrt.pipeline import Pipeline
 
-    pipe = Pipeline.from_components(source.components(), device=device, dtype=dtype, backend=backend)
+    if exported is None:
+        pipe = Pipeline.from_components(source.components(), device=device, dtype=dtype, backend=backend)
+    else:  # an export folder: its backend runs the files (checked first), no torch modules are built
+        pipe = type(backend)(exported.folder).pipeline(device=device, dtype=dtype if args.dtype else None)
     run_steps = int(request.steps * request.strength) if init is not None else request.steps
     with tqdm(total=run_steps, desc=f"{request.sampler} steps", unit="step", file=sys.stderr) as bar:
         result = pipe.generate(request, callback=lambda *_: bar.update())
@@ -140,6 +144,20 @@ def run_generate(args: argparse.Namespace) -> int:
     size = f"{result.images[0].width}x{result.images[0].height}"
     print(f"wrote {', '.join(paths)} ({size}, {request.sampler}, {request.steps} steps, seed {result.seed})")
     return 0
+
+
+def exported_model(model: str, backend: str):
+    """A `diffrt export` folder described from its manifest (None if `model` is not one); it runs on the
+    onnxruntime or tensorrt backend only."""
+    from diffrt.export.manifest import is_export_folder
+
+    if not (os.path.isdir(model) and is_export_folder(model)):
+        return None
+    if backend not in ("onnxruntime", "tensorrt"):
+        raise ValueError(f"{model} is an ONNX export folder: run it with --backend onnxruntime or tensorrt")
+    from diffrt.export.exported import describe_export
+
+    return describe_export(model)
 
 
 def note_prompt_outside_the_grammar(prompt: str) -> None:

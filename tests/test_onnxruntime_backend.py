@@ -131,3 +131,14 @@ def test_cuda_provider_with_io_binding_matches_torch(tmp_path, cuda_graph):
     pipe = Pipeline.from_pretrained("tiny-sdxl", device="cuda", dtype=torch.float16, backend=backend)
     for _ in range(2):  # the second call replays what the first captured
         assert images_differ_by(pipe("a red circle", **call), want) <= 2e-2
+
+
+def test_generate_from_an_export_folder(root, tmp_path, capsys):
+    folder = exported(root, "tiny-sd15")
+    out = tmp_path / "from-folder.png"
+    args = ["generate", "-p", "a red circle", "--model", folder, "-W", "64", "-H", "64", "--steps", "1", "--seed",
+            "1", "-o", str(out), "--device", "cpu"]  # fmt: skip
+    assert main([*args, "--backend", "onnxruntime"]) == 0 and out.is_file()
+    assert "random weights" in capsys.readouterr().err  # the manifest says what the weights are
+    assert main([*args, "--backend", "torch"]) == 2
+    assert "is an ONNX export folder: run it with --backend onnxruntime or tensorrt" in capsys.readouterr().err
