@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffrt.backends.graph_roles import graph_roles
+from diffrt.backends.graph_roles import graph_roles, pipeline_from_export
 from diffrt.components import Components
 from diffrt.export.graphs import GraphSpec
 from diffrt.plan import GenerationPlan, run_plan
@@ -201,15 +201,9 @@ class OnnxRuntimeBackend:
     def pipeline(self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
         """A pipeline over `export_dir` alone (no torch modules are built); dtype: the latents', default the
         export's (fp16 or fp32)."""
-        from diffrt.export.exported import open_export
-        from diffrt.pipeline import Pipeline
-
         if self.export_dir is None:
             raise ValueError("OnnxRuntimeBackend.pipeline needs an export folder: OnnxRuntimeBackend('DIR')")
-        model = open_export(self.export_dir)
-        dtype = dtype or getattr(torch, model.manifest["dtype"])
-        roles = self.roles_for_export(model, device, dtype)
-        return Pipeline(model.spec, model.tokenizers(), roles, self, torch.device(device), dtype)
+        return pipeline_from_export(self, self.export_dir, device, dtype)
 
     def run(self, plan: GenerationPlan, roles: Roles, callback: Callback | None = None) -> tuple[Tensor, Tensor]:
         return run_plan(plan, roles, callback)

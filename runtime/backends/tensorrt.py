@@ -20,7 +20,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
-from diffrt.backends.graph_roles import graph_roles
+from diffrt.backends.graph_roles import graph_roles, pipeline_from_export
 from diffrt.components import Components
 from diffrt.export.profiles import DYNAMIC_256_1024, Profile
 from diffrt.plan import GenerationPlan, run_plan
@@ -147,15 +147,17 @@ class TensorRTBackend:
         self._runtime_cache = None  # TensorRT-RTX: (IRuntimeCache, path), once a context uses one
 
     def roles(self, components: Components, dtype: torch.dtype) -> Roles:
+        from diffrt.export.exported import open_export
         from diffrt.export.exporter import export_cached
 
         device = next(components.unet.parameters()).device
         folder = self.export_dir or export_cached(components, dtype, device, os.path.join(self.cache_dir, "onnx"))
-        return self.roles_for_export(folder, device, dtype)
+        return self.roles_for_export(open_export(folder), device, dtype)
 
-    def roles_for_export(self, folder: str, device: str | torch.device, dtype: torch.dtype) -> Roles:
+    def roles_for_export(self, model, device: str | torch.device, dtype: torch.dtype) -> Roles:
+        """Roles over an opened export (diffrt.export.exported.ExportedModel): its engines built or taken from the
+        cache (default MODEL_FOLDER/engines), each run by a TrtRunner."""
         from diffrt.export.engines import build_engines
-        from diffrt.export.exported import open_export
         from diffrt.export.tensorrt_build import detect_target, import_tensorrt, make_builder
 
         device = torch.device(device)
@@ -164,7 +166,6 @@ class TensorRTBackend:
         trt, flavour = import_tensorrt(self.flavour)
         logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(logger)
-        model = open_export(folder)
         results = build_engines(
             model, self.profile, target=detect_target(trt, flavour, device.index or 0),
             builder=make_builder(trt, flavour, opt_level=self.opt_level, timing_cache=self.timing_cache),
@@ -172,7 +173,7 @@ class TensorRTBackend:
             deserialize=runtime.deserialize_cuda_engine,
         )  # fmt: skip
         config = self._runtime_config  # TensorRT-RTX: one runtime cache for this backend's contexts
-        runners = {name: TrtRunner(trt, r.engine, device, self.cuda_graph, config(r.engine, folder))
+        runners = {name: TrtRunner(trt, r.engine, device, self.cuda_graph, config(r.engine, model.folder))
                    for name, r in results.items()}  # fmt: skip
         return graph_roles(model, runners.__getitem__, device, dtype)
 
@@ -203,15 +204,9 @@ class TensorRTBackend:
 
     def pipeline(self, device: str | torch.device = "cuda", dtype: torch.dtype | None = None):
         """A pipeline over `export_dir` alone (no torch modules are built)."""
-        from diffrt.export.exported import open_export
-        from diffrt.pipeline import Pipeline
-
         if self.export_dir is None:
             raise ValueError("TensorRTBackend.pipeline needs an export folder: TensorRTBackend('DIR', profile=...)")
-        model = open_export(self.export_dir)
-        dtype = dtype or getattr(torch, model.manifest["dtype"])
-        roles = self.roles_for_export(self.export_dir, device, dtype)
-        return Pipeline(model.spec, model.tokenizers(), roles, self, torch.device(device), dtype)
+        return pipeline_from_export(self, self.export_dir, device, dtype)
 
     def run(self, plan: GenerationPlan, roles: Roles, callback: Callback | None = None) -> tuple[Tensor, Tensor]:
         return run_plan(plan, roles, callback)
