@@ -181,7 +181,8 @@ def run_latency(args) -> dict:
     for graph in (False, True) if cuda else (False,):
         name = "onnxruntime" + (" + ORT CUDA graph" if graph else " (IO binding)" if cuda else " cpu")
         try:
-            pipe = OnnxRuntimeBackend(folder, cuda_graph=graph).pipeline(device=args.device, dtype=dtype)
+            backend = OnnxRuntimeBackend(cuda_graph=graph)
+            pipe = Pipeline.from_export(folder, device=args.device, dtype=dtype, backend=backend)
             images[name] = pipe(prompt, **call)
         except Exception as e:
             print(f"{name:40s} FAILED {type(e).__name__}: {e}", flush=True)

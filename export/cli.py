@@ -90,7 +90,7 @@ def run_build_engine(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from diffrt.export.engines import build_engines
-    from diffrt.export.onnx_files import write_atomically
+    from diffrt.export.files import write_atomically
     from diffrt.export.tensorrt_build import detect_target, import_tensorrt, make_builder
 
     profile = profile_from_args(args)

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from diffrt.export.onnx_files import sha256_file, write_atomically
+from diffrt.export.files import sha256_file, write_atomically
 
 Builder = Callable[[str, "EngineRequest"], bytes]  # (onnx path, request) -> serialized engine
 

@@ -16,12 +16,13 @@ import hashlib
 import json
 import os
 import platform
+import sys
 from dataclasses import asdict
 
 import torch
 from torch import nn
 
-from diffrt.export.onnx_files import sha256_file, write_atomically
+from diffrt.export.files import sha256_file, write_atomically
 from diffrt.loading.errors import CheckpointError
 
 FORMAT, VERSION = "diffrt-onnx", 1
@@ -32,15 +33,16 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".json", ".tx
 def versions() -> dict[str, str | None]:
     import onnx
 
-    import diffrt
-
+    # The parent package is always imported before its modules; reading it from sys.modules rather than importing
+    # it keeps diffrt.export out of an import cycle through diffrt's lazy front (diffrt/__init__.py).
+    version = sys.modules["diffrt"].__version__
     try:
         import onnxruntime
 
         ort = onnxruntime.__version__
     except ImportError:
         ort = None
-    return {"diffrt": diffrt.__version__, "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort,
+    return {"diffrt": version, "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort,
             "python": platform.python_version()}  # fmt: skip
 
 

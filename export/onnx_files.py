@@ -8,8 +8,6 @@ never sees half a model, and a file already at the destination (a symlink or har
 replaced, never written through (CVE-2025-51480 was a write through an attacker's path).
 """
 
-import contextlib
-import hashlib
 import os
 import shutil
 import tempfile
@@ -98,27 +96,3 @@ def _declare_outputs(model: onnx.ModelProto, spec: GraphSpec) -> None:
 
 def _tensor_bytes(model: onnx.ModelProto) -> int:
     return sum(len(t.raw_data) for t in model.graph.initializer)
-
-
-def sha256_file(path: str, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_atomically(path: str, data: bytes) -> None:
-    """Write beside `path`, then rename over it: readers see the old file or the new one, never a part."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the file from other users of a shared cache
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

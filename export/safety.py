@@ -19,7 +19,7 @@ import stat
 import onnx
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-from diffrt.export.onnx_files import sha256_file
+from diffrt.export.files import sha256_file
 from diffrt.loading.errors import CheckpointError
 
 

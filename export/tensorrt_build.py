@@ -14,7 +14,7 @@ profiles, builder optimization level, timing cache).
 import os
 
 from diffrt.export.engine_cache import Builder, EngineRequest, EngineTarget
-from diffrt.export.onnx_files import write_atomically
+from diffrt.export.files import write_atomically
 
 FLAVOURS = ("tensorrt", "tensorrt_rtx")
 PRECISIONS = ("onnx", "fp16", "bf16")

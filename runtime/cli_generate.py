@@ -134,7 +134,8 @@ def run_generate(args: argparse.Namespace) -> int:
     if exported is None:
         pipe = Pipeline.from_components(source.components(), device=device, dtype=dtype, backend=backend)
     else:  # an export folder: its backend runs the files (checked first), no torch modules are built
-        pipe = type(backend)(exported.folder).pipeline(device=device, dtype=dtype if args.dtype else None)
+        pipe = Pipeline.from_export(exported.folder, device=device, dtype=dtype if args.dtype else None,
+                                    backend=backend)  # fmt: skip
     run_steps = int(request.steps * request.strength) if init is not None else request.steps
     with tqdm(total=run_steps, desc=f"{request.sampler} steps", unit="step", file=sys.stderr) as bar:
         result = pipe.generate(request, callback=lambda *_: bar.update())

@@ -210,7 +210,7 @@ def test_source_hash_of_a_checkpoint_folder(tmp_path):
     """A diffusers folder (the embedded default model) is recorded by its files' sha256."""
     from diffrt.cli_generate import DEFAULT_MODEL
     from diffrt.export.exporter import export_model
-    from diffrt.export.onnx_files import sha256_file
+    from diffrt.export.files import sha256_file
 
     manifest = export_model(DEFAULT_MODEL, tmp_path, names=["vae_decoder"], checks=(), progress=False)
     files = manifest["source"]["files"]

@@ -151,10 +151,11 @@ def test_changed_tokenizer(folder):
 
 def test_the_backend_refuses_what_open_export_refuses(folder):
     from diffrt.backends.onnxruntime import OnnxRuntimeBackend
+    from diffrt.pipeline import Pipeline
 
     os.truncate(os.path.join(folder, DATA), 10)
     with pytest.raises(CheckpointError, match="truncated or replaced"):
-        OnnxRuntimeBackend(folder).pipeline()
+        Pipeline.from_export(folder, backend=OnnxRuntimeBackend())
 
 
 def test_saving_replaces_planted_links_instead_of_writing_through_them(tmp_path):

@@ -35,7 +35,7 @@ def images_differ_by(a: np.ndarray, b: np.ndarray) -> float:
 def test_sdxl_from_an_export_folder_matches_torch(root):
     folder = exported(root, "tiny-sdxl")
     reference = Pipeline.from_pretrained("tiny-sdxl")
-    pipe = OnnxRuntimeBackend(folder).pipeline()
+    pipe = Pipeline.from_export(folder)
     assert pipe.components is None and pipe.backend.name == "onnxruntime"  # no torch modules behind it
     for call in ({**CALL, "guidance_scale": 5.0}, {**CALL, "guidance_scale": 5.0, "negative_prompt": "blue"}):
         diff = images_differ_by(pipe("a red circle", **call), reference("a red circle", **call))
@@ -81,7 +81,7 @@ def test_clip_skip_on_exported_encoders_equals_torch(root, preset):
     pipe_torch = Pipeline.from_pretrained(preset)
     c = pipe_torch.components
     torch_role = TorchTextEncoder(c.text_encoder, c.text_encoder_2)
-    ort_role = OnnxRuntimeBackend(exported(root, preset)).pipeline().roles.text_encoder
+    ort_role = Pipeline.from_export(exported(root, preset)).roles.text_encoder
     ids = c.tokenizer(["a red circle", "two green squares above"])
     ids_2 = c.tokenizer_2(["a red circle", "two green squares above"]) if c.tokenizer_2 else None
     deepest = pipe_torch.spec.deepest_clip_skip
@@ -98,7 +98,7 @@ def test_clip_skip_on_exported_encoders_equals_torch(root, preset):
 
 
 def test_controlnet_residuals_are_refused_by_name(root):
-    pipe = OnnxRuntimeBackend(exported(root, "tiny-sdxl")).pipeline()
+    pipe = Pipeline.from_export(exported(root, "tiny-sdxl"))
     cond = Conditioning(torch.zeros(1, 77, 72), torch.zeros(1, 24), torch.zeros(1, 6), down_residuals=(torch.zeros(1),))
     with pytest.raises(ValueError, match="exported UNets take no ControlNet residuals"):
         pipe.roles.denoiser(torch.zeros(1, 4, 8, 8), torch.tensor(1.0), cond)

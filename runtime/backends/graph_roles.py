@@ -24,18 +24,6 @@ from diffrt.roles import Roles
 GraphRunner = Callable[[dict[str, Tensor]], dict[str, Tensor]]
 
 
-def pipeline_from_export(backend, folder: str, device, dtype: torch.dtype | None):
-    """A pipeline over an export folder alone (its files checked first; no torch modules are built), its roles made
-    by `backend.roles_for_export`; dtype: the latents', default the export's."""
-    from diffrt.export.exported import open_export
-    from diffrt.pipeline import Pipeline
-
-    model = open_export(folder)
-    dtype = dtype or getattr(torch, model.manifest["dtype"])
-    roles = backend.roles_for_export(model, device, dtype)
-    return Pipeline(model.spec, model.tokenizers(), roles, backend, torch.device(device), dtype)
-
-
 def graph_roles(model, make_runner: Callable[[str], GraphRunner], device, dtype: torch.dtype) -> Roles:
     """The three roles over an opened export (diffrt.export.exported.ExportedModel), each graph run by
     `make_runner(component)`; latents and embeddings in `dtype`, the VAE in the dtype it was exported in."""

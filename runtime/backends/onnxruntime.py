@@ -1,7 +1,8 @@
 """The onnxruntime backend: the pipeline's roles as ONNX Runtime sessions over an export folder (diffrt.export).
 
     Pipeline.from_pretrained("tiny-sd15", backend="onnxruntime")      # exports on the fly into a cache folder
-    OnnxRuntimeBackend("out/").pipeline(device="cuda")                # from `diffrt export` output, no torch model
+    Pipeline.from_export("out/", device="cuda", backend=OnnxRuntimeBackend(cuda_graph=True))   # a `diffrt export`
+                                                                      # folder alone: no torch model is built
 
 The roles are the torch roles over exported graphs (diffrt.backends.graph_roles), so scaling, the posterior sample,
 CFG batching and the SDXL VAE's fp32 are the torch backend's code, not a copy of it.
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffrt.backends.graph_roles import graph_roles, pipeline_from_export
+from diffrt.backends.graph_roles import graph_roles
 from diffrt.components import Components
 from diffrt.export.graphs import GraphSpec
 from diffrt.plan import GenerationPlan, run_plan
@@ -197,13 +198,6 @@ class OnnxRuntimeBackend:
                              threads=self.threads, cuda_graph=self.cuda_graph, max_graphs=self.max_graphs)  # fmt: skip
 
         return graph_roles(model, runner, device, dtype)
-
-    def pipeline(self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-        """A pipeline over `export_dir` alone (no torch modules are built); dtype: the latents', default the
-        export's (fp16 or fp32)."""
-        if self.export_dir is None:
-            raise ValueError("OnnxRuntimeBackend.pipeline needs an export folder: OnnxRuntimeBackend('DIR')")
-        return pipeline_from_export(self, self.export_dir, device, dtype)
 
     def run(self, plan: GenerationPlan, roles: Roles, callback: Callback | None = None) -> tuple[Tensor, Tensor]:
         return run_plan(plan, roles, callback)

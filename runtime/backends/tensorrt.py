@@ -1,6 +1,6 @@
 """The tensorrt backend: the pipeline's roles as TensorRT engines (`import tensorrt` or `import tensorrt_rtx`).
 
-    TensorRTBackend("out/", profile=STATIC_512).pipeline(device="cuda")   # engines built or taken from out/engines
+    Pipeline.from_export("out/", device="cuda", backend=TensorRTBackend(profile=STATIC_512))  # engines: out/engines
     Pipeline.from_pretrained("sd21", device="cuda", dtype=torch.float16, backend="tensorrt")   # export + build
 
 Each engine runs with `execute_async_v3` on a CUDA stream of its own (ordered against torch's by stream waits, no
@@ -20,7 +20,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
-from diffrt.backends.graph_roles import graph_roles, pipeline_from_export
+from diffrt.backends.graph_roles import graph_roles
 from diffrt.components import Components
 from diffrt.export.profiles import DYNAMIC_256_1024, Profile
 from diffrt.plan import GenerationPlan, run_plan
@@ -194,19 +194,13 @@ class TensorRTBackend:
 
     def save_runtime_cache(self) -> str | None:
         """Write TensorRT-RTX's runtime cache (kernels compiled while running) beside the engines."""
-        from diffrt.export.onnx_files import write_atomically
+        from diffrt.export.files import write_atomically
 
         if self._runtime_cache is None:
             return None
         cache, path = self._runtime_cache
         write_atomically(path, bytes(cache.serialize()))
         return path
-
-    def pipeline(self, device: str | torch.device = "cuda", dtype: torch.dtype | None = None):
-        """A pipeline over `export_dir` alone (no torch modules are built)."""
-        if self.export_dir is None:
-            raise ValueError("TensorRTBackend.pipeline needs an export folder: TensorRTBackend('DIR', profile=...)")
-        return pipeline_from_export(self, self.export_dir, device, dtype)
 
     def run(self, plan: GenerationPlan, roles: Roles, callback: Callback | None = None) -> tuple[Tensor, Tensor]:
         return run_plan(plan, roles, callback)
