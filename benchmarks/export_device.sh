@@ -10,9 +10,10 @@
 #   trt            TensorRT-RTX (or TensorRT) parse + build of SD2.1's UNet, VAE decoder and text encoder, dynamic
 #                  256^2-1024^2 (batch 1-4) and static 1x512^2 profiles, through `diffrt build-engine` and its cache
 #                                                                            -> trt_build_sd21.json  (build s, bytes)
-#   latency-sd21   end to end at 512^2: torch / triton backends, onnxruntime (IO binding; + CUDA graph), diffusers +
-#                  torch.compile (needs the diffusers wheel in .whl); UNet step and VAE decode alone, plain ORT, ORT
-#                  CUDA graph, after ORT's SD fusions                        -> ort_latency_sd21_512.json
+#   latency-sd21   end to end at 512^2 (1 step; 25 steps CFG): torch and cuda-graph (the fast path) backends,
+#                  onnxruntime (IO binding; + ORT CUDA graph), diffusers + torch.compile (needs the diffusers wheel in
+#                  .whl); UNet step and VAE decode alone: plain ORT, ORT CUDA graph, after ORT's SD fusions, beside the
+#                  fast path's graph replays                                 -> ort_latency_sd21_512.json
 #   latency-sdxl   the same for SDXL at 1024^2                               -> ort_latency_sdxl_1024.json
 #   tests          the gpu-marked ONNX Runtime and TensorRT tests (TensorRT-RTX's are skipped on SM90, with the reason)
 #

@@ -27,9 +27,10 @@ class ModelSource:
     tokenizers: tuple[CLIPTokenizer | None, CLIPTokenizer | None] = (None, None)
     seed: int = 0  # a preset's random weights
 
-    def components(self) -> Components:
+    def components(self, device: str | torch.device | None = None) -> Components:
+        """Build the modules (a preset's random weights are drawn on `device` itself: fast on a GPU)."""
         if self.checkpoint is None:
-            return components_from_preset(self.name, self.seed, self.spec.scheduler_config)
+            return components_from_preset(self.name, self.seed, self.spec.scheduler_config, device)
         return _components_from_checkpoint(self.checkpoint, self.spec, self.tokenizers)
 
 
@@ -74,7 +75,8 @@ def open_model(
 
 def components_from_preset(name: str, seed: int = 0, scheduler_config: dict | None = None, device=None) -> Components:
     """The preset's real architectures with seeded random weights (their picture is noise) and a byte-level
-    tokenizer. The global RNG is left as it was. device="meta" builds the shapes only (no memory, no init)."""
+    tokenizer. The global CPU RNG is left as it was (on a GPU the weights come from its own RNG, seeded here).
+    device="meta" builds the shapes only (no memory, no init)."""
     from diffrt.models.clip import PRESETS as CLIP_PRESETS
     from diffrt.models.clip import CLIPTextModel
     from diffrt.models.unet import UNet2DConditionModel
@@ -82,7 +84,8 @@ def components_from_preset(name: str, seed: int = 0, scheduler_config: dict | No
     from diffrt.models.vae import AutoencoderKL, AutoencoderKLConfig
 
     preset = PRESETS[name]
-    with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"):
+    device = torch.device(device or "cpu")
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(UNetConfig.preset(preset.unet))
         vae = AutoencoderKL(AutoencoderKLConfig.preset(preset.vae))

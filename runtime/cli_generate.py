@@ -40,7 +40,8 @@ def add_parser(subparsers) -> None:
                    help="override the model's (an SD2 single file does not say; v is assumed)")  # fmt: skip
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on CUDA, float32 on CPU")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--backend", choices=BACKENDS, default="torch", help="triton: fused kernels (CUDA)")
+    p.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="default: cuda-graph on a GPU (generations replayed from CUDA graphs), else torch")  # fmt: skip
     p.add_argument("--no-memory-check", action="store_true",
                    help="run even when the estimated memory exceeds what the device has free")  # fmt: skip
     p.add_argument("--variant", default=None, help='weight file variant, e.g. "fp16"')
@@ -98,18 +99,20 @@ def run_generate(args: argparse.Namespace) -> int:
     import torch
 
     from diffrt.assembly import open_model
-    from diffrt.backends import make_backend
+    from diffrt.backends import default_backend, make_backend
     from diffrt.request import GenerationRequest, resolve_request
 
     # 1. What needs no model: the output path and the init image.
     check_output(args.output)
     init = open_init_image(args.init_image)
-    backend = make_backend(args.backend)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    backend = make_backend(args.backend or default_backend(device))
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
     # 2. Describe the model (configs and tokenizers; no weights are read) and check the whole request against it.
     model = args.model or DEFAULT_MODEL
     exported = exported_model(model, args.backend)
+    if exported is not None and args.backend is None:  # an export folder runs on ONNX Runtime unless told otherwise
+        backend = make_backend("onnxruntime")
     source = exported or open_model(model, variant=args.variant, allow_pickle=args.allow_pickle,
                                     tokenizer=args.tokenizer, prediction_type=args.prediction_type)  # fmt: skip
     request = GenerationRequest(
@@ -147,14 +150,14 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def exported_model(model: str, backend: str):
+def exported_model(model: str, backend: str | None):
     """A `diffrt export` folder described from its manifest (None if `model` is not one); it runs on the
-    onnxruntime or tensorrt backend only."""
+    onnxruntime (the default for it) or tensorrt backend only."""
     from diffrt.export.manifest import is_export_folder
 
     if not (os.path.isdir(model) and is_export_folder(model)):
         return None
-    if backend not in ("onnxruntime", "tensorrt"):
+    if backend not in (None, "onnxruntime", "tensorrt"):
         raise ValueError(f"{model} is an ONNX export folder: run it with --backend onnxruntime or tensorrt")
     from diffrt.export.exported import describe_export
 

@@ -4,6 +4,7 @@ A ModelSpec is read from the component configs alone (no weights are needed), so
 loads anything, and the pipeline checks every call with the same code.
 """
 
+import functools
 from dataclasses import dataclass
 
 from diffrt.components import Components
@@ -38,7 +39,7 @@ class ModelSpec:
     def default_size(self) -> int:
         return (self.sample_size or 64) * self.vae_scale
 
-    @property
+    @functools.cached_property
     def scheduler(self) -> SchedulerConfig:
         return SchedulerConfig.from_diffusers(self.scheduler_config)
 

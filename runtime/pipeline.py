@@ -10,13 +10,13 @@ import os
 import torch
 from PIL import Image
 
-from diffrt.backends import Backend, make_backend
+from diffrt.backends import Backend, default_backend, make_backend
 from diffrt.components import Components
 from diffrt.images import to_output
 from diffrt.model_spec import ModelSpec, spec_of
-from diffrt.plan import GenerationPlan, make_plan
+from diffrt.plan import GenerationPlan, make_plan, to_device_no_sync
 from diffrt.prompt_cache import PromptCache
-from diffrt.request import GenerationRequest, GenerationResult, resolve_request
+from diffrt.request import GenerationRequest, GenerationResult, memory_key, resolve_request
 from diffrt.roles import Roles
 from diffrt.samplers import Callback
 from diffrt.tokenizer import CLIPTokenizer
@@ -39,7 +39,8 @@ class Pipeline:
         self.spec, self.tokenizers, self.roles, self.backend = spec, tokenizers, roles, backend
         self.device, self.dtype = torch.device(device), dtype
         self.components = components  # the torch modules behind the roles, where there are any
-        self._prompt_cache = PromptCache(prompt_cache_size)
+        self.prompt_cache = PromptCache(prompt_cache_size)
+        self._ran: set[tuple] = set()  # memory_keys of requests that ran: they fit, no need to estimate again
 
     @classmethod
     def from_pretrained(
@@ -52,21 +53,21 @@ class Pipeline:
         allow_pickle: bool = False,
         tokenizer: str | None = None,
         prediction_type: str | None = None,
-        backend: "str | Backend" = "torch",
+        backend: "str | Backend | None" = None,
         seed: int = 0,
     ) -> "Pipeline":
         """From a diffusers pipeline folder, a single-file checkpoint (with `tokenizer=` folder(s), since such a
         file carries none), or a preset name (`diffrt.presets.PRESETS`: real architectures, random weights seeded
         with `seed`). prediction_type overrides the scheduler config's ("epsilon" / "v_prediction"): an SD2 single
         file does not say which it was trained for (v is assumed, as diffusers does; SD2-base and SD-Turbo need
-        "epsilon"). backend: "torch" or "triton" (diffrt.backends.BACKENDS), or a backend object; it is this
-        pipeline's own."""
+        "epsilon"). backend: a name in diffrt.backends.BACKENDS or a backend object, this pipeline's own; default:
+        cuda-graph on a GPU, torch elsewhere."""
         from diffrt.assembly import open_model
 
-        backend = make_backend(backend)  # first: an unknown backend fails before any loading
+        backend = make_backend(backend or default_backend(device))  # first: an unknown one fails before loading
         source = open_model(path_or_preset, variant=variant, allow_pickle=allow_pickle, tokenizer=tokenizer,
                             prediction_type=prediction_type, seed=seed)  # fmt: skip
-        return cls.from_components(source.components(), device=device, dtype=dtype, backend=backend)
+        return cls.from_components(source.components(device), device=device, dtype=dtype, backend=backend)
 
     @classmethod
     def from_components(
@@ -75,10 +76,11 @@ class Pipeline:
         *,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
-        backend: "str | Backend" = "torch",
+        backend: "str | Backend | None" = None,
     ) -> "Pipeline":
         """Own `components` (moved to device and dtype; the backend sets their kernels) and run them on `backend`."""
-        backend, device = make_backend(backend), torch.device(device)
+        device = torch.device(device)
+        backend = make_backend(backend or default_backend(device))
         spec = spec_of(components)
         for name, module in components.modules().items():
             # The SDXL VAE overflows in fp16: it runs in fp32, as diffusers' SDXL pipelines upcast it.
@@ -123,16 +125,17 @@ class Pipeline:
 
         def encode():
             tokenizer, tokenizer_2 = self.tokenizers
-            ids = tokenizer(prompts).to(self.device) if tokenizer is not None else None
-            ids_2 = tokenizer_2(prompts).to(self.device) if tokenizer_2 is not None else None
+            ids = to_device_no_sync(tokenizer(prompts), self.device) if tokenizer is not None else None
+            ids_2 = to_device_no_sync(tokenizer_2(prompts), self.device) if tokenizer_2 is not None else None
             with torch.inference_mode():
                 return self.roles.text_encoder(ids, ids_2, clip_skip)
 
-        return self._prompt_cache.get((tuple(prompts), clip_skip), encode)
+        return self.prompt_cache.get((tuple(prompts), clip_skip), encode)
 
     def resolve(self, request: GenerationRequest) -> GenerationRequest:
         """The request with the model's defaults filled in; ValueError naming each mistake if it cannot run."""
-        return resolve_request(request, self.spec, device=self.device, dtype=self.dtype, weights_resident=True)
+        return resolve_request(request, self.spec, device=self.device, dtype=self.dtype, weights_resident=True,
+                               known_to_fit=self._ran)  # fmt: skip
 
     def plan(self, request: GenerationRequest, generator: torch.Generator | None = None) -> GenerationPlan:
         """The host's part of a resolved request: schedule, conditioning, seed and starting latents."""
@@ -151,6 +154,7 @@ class Pipeline:
         plan = self.plan(request, generator)
         # 3. Run the plan on the device, with no host sync: the sampler loop, then the decode.
         images, latents = self.backend.run(plan, self.roles, callback)
+        self._ran.add(memory_key(request, self.spec))
         # 4. Post-process into the requested output type (the device-to-host copy happens here).
         return GenerationResult(to_output(images, request.output_type), latents, plan.seed)
 

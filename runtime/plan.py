@@ -5,6 +5,7 @@
 runs a plan however it likes (eagerly, replayed from a CUDA graph); the result must be the same.
 """
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -39,7 +40,7 @@ class GenerationPlan:
     @property
     def bucket(self) -> tuple:
         """What fixes a CUDA graph of this plan: shapes, schedule and whether there is an unconditional batch."""
-        return (tuple(self.latents.shape), self.sampler.name, self.schedule.timesteps, self.guidance_scale is not None,
+        return (tuple(self.latents.shape), self.sampler.name, self.schedule, self.guidance_scale is not None,
                 tuple(sorted(self.options.items())))  # fmt: skip
 
 
@@ -63,7 +64,7 @@ def make_plan(
 
     seed = r.seed
     if generator is None:
-        seed = int(torch.randint(0, 2**31, ())) if seed is None else seed
+        seed = random.getrandbits(31) if seed is None else seed  # host-only: no torch op before the device work
         generator = torch.Generator(device).manual_seed(seed)
     else:
         seed = None  # a caller's generator: its seed (and state) are the caller's
@@ -142,14 +143,25 @@ def _conditioning(
     if spec.sdxl:
         size = (r.height, r.width)
         ids = [*(r.original_size or size), *r.crops_coords_top_left, *(r.target_size or size)]
-        fields["time_ids"] = torch.tensor([ids], device=device, dtype=dtype).repeat(embeds.shape[0], 1)
+        time_ids = to_device_no_sync(torch.tensor([ids], dtype=dtype), device)
+        fields["time_ids"] = time_ids.repeat(embeds.shape[0], 1)
         fields["text_embeds"] = pooled.to(dtype)
     if spec.guidance_embedding_dim is not None:  # LCM: w - 1 embedded (Luo et al. 2023, Sec. 4.3), no CFG batch
         w = guidance_scale_embedding(torch.full((n,), r.guidance_scale - 1), spec.guidance_embedding_dim)
-        fields["timestep_cond"] = w.to(device, dtype)
+        fields["timestep_cond"] = to_device_no_sync(w.to(dtype), device)
     return Conditioning(**fields)
 
 
+def to_device_no_sync(t: Tensor, device: torch.device) -> Tensor:
+    """Host data to `device`; to a GPU through pinned memory, so the copy waits for no earlier GPU work."""
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _repeat(t: Tensor | None, batch: int) -> Tensor | None:
-    """[P, ...] -> [P * batch, ...], each prompt's copies together (diffusers' num_images_per_prompt order)."""
-    return None if t is None else t.repeat_interleave(batch, dim=0)
+    """[P, ...] -> [P * batch, ...], each prompt's copies together (diffusers' num_images_per_prompt order), as an
+    expand and a copy: no output-size computation on the device to wait for."""
+    if t is None or batch == 1:
+        return t
+    return t.unsqueeze(1).expand(t.shape[0], batch, *t.shape[1:]).reshape(t.shape[0] * batch, *t.shape[1:])

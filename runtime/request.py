@@ -74,10 +74,12 @@ def resolve_request(
     device: torch.device,
     dtype: torch.dtype,
     weights_resident: bool,
+    known_to_fit: set | None = None,
 ) -> GenerationRequest:
     """The request with every default filled in; ValueError naming each mistake once if it cannot run.
 
     weights_resident: the model is already on `device` (its weights are no longer part of what must fit).
+    known_to_fit: `memory_key`s of requests that already ran here; they skip the estimate (and its device query).
     """
     problems: list[str] = []
 
@@ -128,13 +130,18 @@ def resolve_request(
     resolved = replace(request, sampler=sampler, steps=steps, guidance_scale=guidance, height=height, width=width)
     if size_ok and prompts_ok and not problems:
         check(_check_shapes, resolved, spec)
-    if not problems and request.check_memory:
+    if not problems and request.check_memory and memory_key(resolved, spec) not in (known_to_fit or ()):
         check(_check_memory, resolved, spec, device, dtype, weights_resident)
     if len(problems) == 1:
         raise ValueError(problems[0])
     if problems:
         raise ValueError(f"{len(problems)} problems with this request:\n" + "\n".join(f"  - {p}" for p in problems))
     return resolved
+
+
+def memory_key(request: GenerationRequest, spec: ModelSpec) -> tuple:
+    """What the memory a resolved request needs depends on."""
+    return (request.images_out, request.height, request.width, uses_cfg(request, spec))
 
 
 def uses_cfg(request: GenerationRequest, spec: ModelSpec) -> bool:

@@ -3,6 +3,8 @@
 The pipeline, the request checks, the CLI and the server all read this table; nothing else lists samplers.
 """
 
+import dataclasses
+import functools
 from dataclasses import dataclass
 
 from diffrt import samplers as s
@@ -36,7 +38,7 @@ class Sampler:
         return 5.0 if sdxl else 7.5
 
     def schedule(self, config: SchedulerConfig, steps: int) -> Schedule:
-        return _make_schedule(config, self.name, self.rule, steps)
+        return _cached_schedule(_config_key(config), self.name, steps)
 
 
 _LCM = TimestepRule("lcm", "leading", end="denoised")
@@ -79,6 +81,19 @@ SAMPLERS: dict[str, Sampler] = {
 }
 DEFAULT_SAMPLER = "euler"  # for a scheduler class that implies none of the above
 ETA_SAMPLERS = tuple(name for name, sampler in SAMPLERS.items() if sampler.eta is not None)
+
+
+def _config_key(config: SchedulerConfig) -> tuple:
+    """A hashable copy of the config (trained_betas is a list)."""
+    return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in dataclasses.asdict(config).items())
+
+
+@functools.lru_cache(maxsize=128)
+def _cached_schedule(config_key: tuple, sampler: str, steps: int) -> Schedule:
+    """Schedules are pure functions of (config, sampler, steps); a request plans one twice (check, then plan), and a
+    server plans the same few over and over, so each is computed once (about 0.2 ms of host time each)."""
+    config = SchedulerConfig(**{k: list(v) if k == "trained_betas" and v is not None else v for k, v in config_key})
+    return _make_schedule(config, sampler, SAMPLERS[sampler].rule, steps)
 
 
 def get_sampler(name: str) -> Sampler:

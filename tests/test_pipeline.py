@@ -150,7 +150,7 @@ def test_same_seed_same_image_and_prompt_cache(saved):
     _, root, _ = saved
     pipe = diffrt.Pipeline.from_pretrained(root)
     a = pipe(PROMPT, height=H, width=W, steps=2, sampler="euler_a", seed=11, output_type="np")
-    assert len(pipe._prompt_cache) >= 1
+    assert len(pipe.prompt_cache) >= 1
     b = pipe(PROMPT, height=H, width=W, steps=2, sampler="euler_a", seed=11, output_type="np")
     c = pipe(PROMPT, height=H, width=W, steps=2, sampler="euler_a", seed=12, output_type="np")
     np.testing.assert_array_equal(a, b)

@@ -111,7 +111,7 @@ def test_result_reports_the_seed_and_it_reproduces_the_image():
 
 def test_prompt_cache_is_safe_under_concurrent_calls():
     pipe = Pipeline.from_pretrained("tiny-sd15")
-    pipe._prompt_cache.size = 3  # small, so that threads evict each other's entries all the time
+    pipe.prompt_cache.size = 3  # small, so that threads evict each other's entries all the time
     prompts = [f"prompt number {i}" for i in range(8)]
     expected = {p: pipe.roles.text_encoder(pipe.tokenizers[0]([p]), None)[0] for p in prompts}
     errors, barrier = [], threading.Barrier(4)
@@ -132,4 +132,4 @@ def test_prompt_cache_is_safe_under_concurrent_calls():
     for t in workers:
         t.join(120)
     assert not errors, errors[0]
-    assert len(pipe._prompt_cache) <= 3
+    assert len(pipe.prompt_cache) <= 3

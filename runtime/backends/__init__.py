@@ -1,5 +1,7 @@
-"""Backends: how a pipeline's components run. A backend is an object its pipeline owns, never process state, so
-two pipelines with different backends live in one process (and in two threads) and each gives its own images.
+"""Backends: how a pipeline's components run. "torch": eager on torch's ops, the reference; "triton": eager on
+diffrt's fused kernels; "cuda-graph": whole generations replayed from CUDA graphs, the default on a GPU. A backend is
+an object its pipeline owns, never process state, so two pipelines with different backends live in one process (and
+in two threads) and each gives its own images.
 
 A backend makes the pipeline's roles (diffrt.roles) from its components and runs a generation plan (diffrt.plan):
 
@@ -29,12 +31,18 @@ class Backend(Protocol):
     ) -> "tuple[Tensor, Tensor]": ...
 
 
-BACKENDS = ("torch", "triton", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "triton", "cuda-graph", "onnxruntime", "tensorrt")
 
 
 def default_backend(device: "str | torch.device") -> str:
-    """The backend a pipeline on `device` gets when none is named: the fastest one that runs there."""
-    return "torch"
+    """The backend a pipeline on `device` gets when none is named: the fastest one that runs there (whole
+    generations replayed from CUDA graphs on a GPU; torch eager elsewhere)."""
+    import importlib.util
+
+    import torch
+
+    cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
+    return "cuda-graph" if cuda and importlib.util.find_spec("triton") is not None else "torch"
 
 
 def make_backend(backend: "str | Backend") -> "Backend":
@@ -50,6 +58,10 @@ def make_backend(backend: "str | Backend") -> "Backend":
         return EagerBackend("torch", TORCH_OPS)
     if backend == "triton":
         return EagerBackend("triton", TRITON_OPS)
+    if backend == "cuda-graph":
+        from diffrt.backends.cuda_graph import CudaGraphBackend
+
+        return CudaGraphBackend()
     if backend == "onnxruntime":
         from diffrt.backends.onnxruntime import OnnxRuntimeBackend
 

@@ -1,0 +1,212 @@
+"""Latency per resolution: diffrt's fast path against diffusers eager and diffusers + torch.compile, in one call.
+
+For each architecture (sd15, sd21 = SD-Turbo's, sdxl; random weights, fp16), size and batch: the components as
+CUDA-graph replays (text encoder, UNet step, VAE decode, TAESD decode) and end to end (1 step with the full VAE and
+with TAESD, LCM 4 steps, 25 steps with CFG), diffrt beside its peers on the same weights; peak GPU memory; for the
+compile peer the first call's time (its compile time). Rows are appended to --out as they are measured and a cell
+already there is skipped, so a time-limited call can stop anywhere and the next one resumes; --budget-s stops
+cleanly before a device limit. `--report` turns the JSON into a markdown table and a PNG plot.
+
+    python benchmarks/latency.py --archs sd21 --sizes 512,1024 --peers eager,compile --out results/latency_h200.json
+    python benchmarks/latency.py --report results/latency_h200.json
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.environment import environment  # noqa: E402
+from diffrt import latency  # noqa: E402
+from diffrt.pipeline import Pipeline  # noqa: E402
+from diffrt.request import GenerationRequest  # noqa: E402
+
+TAESD = {"sd15": "taesd", "sd21": "taesd", "sdxl": "taesdxl"}
+IMPLS = ("diffrt", "diffusers eager", "diffusers compile")
+COMPILE_RESERVE_S = 200  # torch.compile took 50 s (UNet) + 19 s (VAE) at 512² and 182 s + 42 s at 1024² on an H200
+
+
+def row_id(row: dict) -> tuple:
+    return (row["arch"], row["impl"], row["what"], row["batch"], row["height"], row["width"])
+
+
+class Results:
+    """The JSON file of rows, rewritten atomically after each new row (a killed call keeps what it measured)."""
+
+    def __init__(self, path: str, env: dict) -> None:
+        self.path, self.env = path, env
+        self.rows = json.loads(Path(path).read_text())["rows"] if os.path.exists(path) else []
+        self.done = {row_id(r) for r in self.rows}
+
+    def has(self, **key) -> bool:
+        return row_id(key) in self.done
+
+    def add(self, **row) -> None:
+        row = {**self.env, **row}
+        self.rows.append(row)
+        self.done.add(row_id(row))
+        tmp = self.path + ".tmp"
+        Path(tmp).write_text(json.dumps({"rows": self.rows}, indent=1))
+        os.replace(tmp, self.path)
+        ms = row.get("median_ms")
+        print(f"{row['arch']:5s} {row['impl']:18s} {row['what']:22s} b{row['batch']} {row['height']}x{row['width']}"
+              f"  {ms if ms is None else round(ms, 3)} ms", flush=True)  # fmt: skip
+
+
+def diffrt_pipeline(arch: str, tiny_vae: bool, backend: str) -> Pipeline:
+    from diffrt.models.taesd import AutoencoderTiny, TAESDConfig
+
+    pipe = Pipeline.from_pretrained(arch, device="cuda", dtype=torch.float16, backend=backend)
+    if tiny_vae:  # the same UNet and text encoders with TAESD as the image codec
+        components = pipe.components
+        with torch.device("cuda"):
+            components.vae = AutoencoderTiny(TAESDConfig.preset(TAESD[arch]))
+        pipe = Pipeline.from_components(components, device="cuda", dtype=torch.float16, backend=backend)
+    return pipe
+
+
+def measure_diffrt(res: Results, arch: str, sizes, batches, runs, backend: str, deadline: float) -> None:
+    for tiny in (False, True):
+        pipe = None
+        for size in sizes:
+            for batch in batches:
+                if time.time() > deadline:
+                    return
+                cell = {"arch": arch, "impl": "diffrt", "batch": batch, "height": size, "width": size}
+                todo = [r for r in runs if not (tiny and r != "1 step")]  # TAESD: the 1-step row
+                names = [f"e2e {r}" + (" taesd" if tiny else "") for r in todo]
+                parts = ["decode taesd"] if tiny else ["text_encoder", "unet_step", "decode"]
+                if all(res.has(**cell, what=n) for n in names + parts):
+                    continue
+                pipe = pipe or diffrt_pipeline(arch, tiny, backend)
+                try:
+                    if not all(res.has(**cell, what=p) for p in parts):
+                        times = latency.component_times(pipe, batch, size, size, cfg=False)
+                        for name, t in times.items():
+                            what = "decode taesd" if (tiny and name == "decode") else name
+                            if what in parts:
+                                res.add(**cell, what=what, **t)
+                    for run, name in zip(todo, names, strict=True):
+                        if res.has(**cell, what=name):
+                            continue
+                        sampler, steps, guidance = latency.RUNS[run]
+                        request = GenerationRequest(latency.PROMPT, height=size, width=size, batch=batch,
+                                                    sampler=sampler, steps=steps, guidance_scale=guidance)  # fmt: skip
+                        t0 = time.perf_counter()
+                        out = latency.end_to_end(pipe, request)
+                        res.add(**cell, what=name, steps=steps, **out, measure_s=time.perf_counter() - t0,
+                                backend=pipe.backend.name)  # fmt: skip
+                except torch.OutOfMemoryError:
+                    res.add(**cell, what="out of memory", median_ms=None)
+                    torch.cuda.empty_cache()
+        del pipe
+        torch.cuda.empty_cache()
+
+
+def measure_peers(res: Results, arch: str, sizes, batches, runs, peers, deadline: float) -> None:
+    from benchmarks import peers as peer_lib
+
+    ours = Pipeline.from_pretrained(arch, device="cuda", dtype=torch.float16, backend="torch")
+    for impl in peers:
+        pipe = peer_lib.diffusers_pipeline(ours, arch)
+        if impl == "diffusers compile":
+            peer_lib.compile_pipeline(pipe)
+        for size in sizes:
+            for batch in batches:
+                cell = {"arch": arch, "impl": impl, "batch": batch, "height": size, "width": size}
+                if impl == "diffusers compile" and deadline - time.time() < COMPILE_RESERVE_S:
+                    continue  # a new size recompiles for minutes: do not start what the time box would kill
+                for run in runs:
+                    if time.time() > deadline:
+                        return
+                    if res.has(**cell, what=f"e2e {run}"):
+                        continue
+                    try:
+                        res.add(**cell, what=f"e2e {run}", steps=latency.RUNS[run][1],
+                                **peer_lib.end_to_end(pipe, run, batch, size, size))  # fmt: skip
+                    except torch.OutOfMemoryError:
+                        res.add(**cell, what=f"e2e {run}", median_ms=None, note="out of memory")
+                        torch.cuda.empty_cache()
+                if impl == "diffusers compile" and not res.has(**cell, what="unet_step"):
+                    for name, t in peer_lib.components(pipe, batch, size, size, cfg=False).items():
+                        res.add(**cell, what=name, **t)
+        del pipe
+        torch.cuda.empty_cache()
+
+
+def report(path: str) -> None:
+    """A markdown table (diffrt beside its peers, ratios) and a PNG plot of 1-step latency against resolution."""
+    rows = json.loads(Path(path).read_text())["rows"]
+    table = {}
+    for r in rows:
+        table.setdefault((r["arch"], r["what"], r["batch"], r["height"]), {})[r["impl"]] = r.get("median_ms")
+    lines = ["| arch | what | batch | size | diffrt ms | diffusers eager ms | diffusers compile ms | vs compile |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for (arch, what, batch, size), by in sorted(table.items()):
+        d, e, c = (by.get(i) for i in IMPLS)
+        ratio = f"{c / d:.2f}x" if d and c else ""
+        cells = [f"{v:.2f}" if v else "" for v in (d, e, c)]
+        lines.append(f"| {arch} | {what} | {batch} | {size}² | {' | '.join(cells)} | {ratio} |")
+    env = rows[0] if rows else {}
+    head = f"{env.get('gpu')}, torch {env.get('torch')}, commit {env.get('commit')}, {env.get('date')}\n\n"
+    Path(path).with_suffix(".md").write_text(head + "\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    archs = sorted({r["arch"] for r in rows})
+    fig, axes = plt.subplots(1, len(archs), figsize=(5 * len(archs), 4), squeeze=False)
+    for ax, arch in zip(axes[0], archs, strict=True):
+        for impl in IMPLS:
+            pts = sorted((r["height"], r["median_ms"]) for r in rows if r["arch"] == arch and r["impl"] == impl
+                         and r["what"] == "e2e 1 step" and r["batch"] == 1 and r.get("median_ms"))  # fmt: skip
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=impl)
+        ax.set(title=f"{arch}, 1 step, batch 1, fp16", xlabel="resolution (px, square)", ylabel="ms", yscale="log")
+        ax.legend()
+    fig.suptitle(head.strip(), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(Path(path).with_suffix(".png"), dpi=110)
+    print(Path(path).with_suffix(".md").read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--archs", default="sd21")
+    ap.add_argument("--sizes", default="512,1024")
+    ap.add_argument("--batches", default="1")
+    ap.add_argument("--runs", default="1 step,LCM 4 steps,25 steps CFG")
+    ap.add_argument("--peers", default="eager,compile", help="eager, compile, both (eager,compile) or none")
+    ap.add_argument("--peer-sizes", default=None, help="sizes for the peers (default: --sizes)")
+    ap.add_argument("--backend", default="cuda-graph")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--budget-s", type=float, default=540.0, help="stop starting new cells after this many seconds")
+    ap.add_argument("--commit", default=None)
+    ap.add_argument("--report", default=None, help="write the table and plot of this JSON and exit")
+    args = ap.parse_args()
+    if args.report:
+        return report(args.report)
+    deadline = time.time() + args.budget_s
+    res = Results(args.out, environment(args.commit))
+    sizes = [int(s) for s in args.sizes.split(",")]
+    peer_sizes = [int(s) for s in (args.peer_sizes or args.sizes).split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+    runs = args.runs.split(",")
+    # The compile peer first: it takes minutes per size, and a call that runs out of time should lose eager rows.
+    peers = [f"diffusers {p}" for p in ("compile", "eager") if p in args.peers.split(",")]
+    for arch in args.archs.split(","):
+        measure_diffrt(res, arch, sizes, batches, runs, args.backend, deadline)
+        if peers:
+            measure_peers(res, arch, peer_sizes, [1], runs, peers, deadline)
+    report(args.out)
+
+
+if __name__ == "__main__":
+    main()

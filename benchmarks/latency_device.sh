@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One device call of the fast path's checks and latency harness, each stage time-boxed, logs and JSON under $OUT.
+# Carry .whl (../shared/tools/device_wheels.sh: diffusers for the peers). Phases, one call each:
+#   check: the GPU tests of the graph backend, backends, samplers and attention; time to first image cold/warm;
+#          the harness for SD2.1 at 512 with every peer (a first ratio)
+#   sd21 / sdxl / sd15: the harness for that architecture at 256..2048, peers at 512 and 1024 (sd21 first runs the
+#   GPU tests); LATENCY_S sets the harness's time box
+# Usage:  COMMIT=<sha> bash benchmarks/latency_device.sh check
+set -u
+PHASE=${1:-check}
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
+# pip cannot build an editable install without the network (setuptools), so map the layout by symlinks instead.
+mkdir -p /tmp/pp && ln -sfn "$PWD/runtime" /tmp/pp/diffrt && ln -sfn "$PWD/kernels" runtime/kernels && ln -sfn "$PWD/export" runtime/export
+export PYTHONPATH=/tmp/pp:$PWD:/tmp/site PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+stage() { local name=$1 limit=$2; shift 2; local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
+  echo "== $name rc=$rc $((SECONDS - t0))s: $(tail -n 1 "$OUT/$name.log")"; }
+C=${COMMIT:-unknown}
+case $PHASE in
+check)
+  stage gpu_tests 160 python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_cuda_graph.py tests/test_backends.py tests/test_samplers.py tests/test_attention.py
+  grep -E "max abs|passed|failed|Error" "$OUT/gpu_tests.log" | tail -n 25
+  stage first_cold 110 python3 benchmarks/first_image.py --arch sd21 --cache-dir /tmp/diffrt-cache --commit "$C" --out "$OUT/first_image_cold.json"
+  stage first_warm 50 python3 benchmarks/first_image.py --arch sd21 --cache-dir /tmp/diffrt-cache --commit "$C" --out "$OUT/first_image_warm.json"
+  export TRITON_CACHE_DIR=/tmp/diffrt-cache
+  stage latency 215 python3 benchmarks/latency.py --archs sd21 --sizes 512 --peers eager,compile --runs "1 step,LCM 4 steps" --budget-s 190 --commit "$C" --out "$OUT/latency_check.json"
+  ;;
+sd21|sdxl|sd15)
+  export TRITON_CACHE_DIR=/tmp/diffrt-cache
+  if [ "$PHASE" = sd21 ]; then
+    stage gpu_tests 90 python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_cuda_graph.py tests/test_backends.py tests/test_samplers.py tests/test_attention.py
+    grep -E "max abs|passed|failed|Error" "$OUT/gpu_tests.log" | tail -n 12
+  fi
+  stage latency ${LATENCY_S:-470} python3 benchmarks/latency.py --archs "$PHASE" --sizes 256,512,768,1024,1536,2048 --peer-sizes 512,1024 --peers eager,compile --runs "1 step,LCM 4 steps" --budget-s $(( ${LATENCY_S:-470} - 25 )) --commit "$C" --out "$OUT/latency_$PHASE.json"
+  ;;
+esac
+tail -n 40 "$OUT/latency"*.md 2>/dev/null

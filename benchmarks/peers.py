@@ -1,0 +1,161 @@
+"""The peers a user would otherwise pick, on the same random weights as a diffrt pipeline: diffusers' pipelines,
+eager (SDPA) and with `torch.compile(mode="reduce-overhead")` on the UNet and the VAE decode (diffusers' speed guide;
+cudnn.benchmark on). Their end-to-end timing is the same as diffrt's (diffrt.latency): prompt to image tensor on the
+GPU, text encoder included, median of repeats after warm-up calls; the first call's time is the compile time."""
+
+import dataclasses
+import tempfile
+import time
+
+import torch
+
+from benchmarks.diffusers_configs import SD15, SD21, SDXL
+from diffrt.clip_bpe import write_clip_bpe
+from diffrt.latency import PROMPT, RUNS, quantiles
+from diffrt.pipeline import Pipeline
+
+UNET_CONFIGS = {"sd15": SD15, "sd21": SD21, "sdxl": SDXL}
+# diffusers' scheduler for each of diffrt's samplers that the runs use, with the config overrides that make it ours.
+SCHEDULERS = {
+    "turbo": ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing"}),
+    "lcm": ("LCMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+}
+
+
+def _text_encoder(ours: torch.nn.Module):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    fields = dataclasses.asdict(ours.config)
+    projection = fields.pop("projection_dim")
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    model = cls(CLIPTextConfig(**fields, projection_dim=projection or fields["hidden_size"]))
+    wanted = set(model.state_dict())
+    state = {k if k in wanted else k.removeprefix("text_model."): v for k, v in ours.state_dict().items()}
+    model.load_state_dict(state)
+    return model
+
+
+def _vae(ours: torch.nn.Module):
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    c = ours.config
+    if hasattr(c, "decoder_block_out_channels"):
+        vae = AutoencoderTiny(encoder_block_out_channels=c.encoder_block_out_channels,
+                              decoder_block_out_channels=c.decoder_block_out_channels,
+                              num_encoder_blocks=c.num_encoder_blocks, num_decoder_blocks=c.num_decoder_blocks,
+                              latent_channels=c.latent_channels)  # fmt: skip
+    else:
+        n = len(c.block_out_channels)
+        vae = AutoencoderKL(block_out_channels=c.block_out_channels, layers_per_block=c.layers_per_block,
+                            latent_channels=c.latent_channels, norm_num_groups=c.norm_num_groups,
+                            down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
+                            scaling_factor=c.scaling_factor, force_upcast=c.force_upcast)  # fmt: skip
+    vae.load_state_dict(ours.state_dict())
+    return vae
+
+
+def diffusers_pipeline(ours: Pipeline, arch: str):
+    """diffusers' StableDiffusion(XL)Pipeline holding a copy of `ours`' weights, on its device and in its dtype."""
+    import diffusers
+    from transformers import CLIPTokenizer
+
+    c = ours.components
+    with ours.device:  # random init where the weights go (fast on a GPU), then our weights
+        unet = diffusers.UNet2DConditionModel(**UNET_CONFIGS[arch])
+        unet.load_state_dict(c.unet.state_dict())
+        vae = _vae(c.vae)
+        encoders = [_text_encoder(e) if e is not None else None for e in (c.text_encoder, c.text_encoder_2)]
+    folder = tempfile.mkdtemp(prefix="diffrt-peer-tokenizer-")
+    write_clip_bpe(folder, ["a"], vocab_size=514)  # diffrt presets' byte-level vocabulary
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    scheduler = diffusers.EulerDiscreteScheduler.from_config(c.scheduler_config)
+    kwargs = {"vae": vae, "text_encoder": encoders[0], "tokenizer": tokenizer, "unet": unet, "scheduler": scheduler}
+    if arch == "sdxl":
+        pipe = diffusers.StableDiffusionXLPipeline(**kwargs, text_encoder_2=encoders[1], tokenizer_2=tokenizer)
+    else:
+        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe = diffusers.StableDiffusionPipeline(**kwargs)
+    # fp16 throughout: diffusers' SDXL pipeline upcasts its VAE to fp32 around each decode itself (force_upcast), as
+    # diffrt runs that VAE in fp32.
+    pipe = pipe.to(device=ours.device, dtype=ours.dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def compile_pipeline(pipe) -> None:
+    """torch.compile(mode="reduce-overhead", fullgraph=True) on the UNet and the VAE decode, cudnn.benchmark on."""
+    torch.backends.cudnn.benchmark = True
+    pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
+    pipe.vae.decode = torch.compile(pipe.vae.decode, mode="reduce-overhead", fullgraph=True)
+
+
+def use_scheduler(pipe, sampler: str) -> None:
+    import diffusers
+
+    name, overrides = SCHEDULERS[sampler]
+    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **overrides)
+
+
+def end_to_end(pipe, run: str, batch: int, height: int, width: int, repeats: int = 15, warmup: int = 2) -> dict:
+    """Wall time of pipe(prompt) to an image tensor on the GPU; `first_call_s` includes any compilation."""
+    sampler, steps, guidance = RUNS[run]
+    use_scheduler(pipe, sampler)
+    kw = {"num_inference_steps": steps, "guidance_scale": guidance, "height": height, "width": width,
+          "num_images_per_prompt": batch, "output_type": "pt"}  # fmt: skip
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        pipe(PROMPT, **kw)
+        torch.cuda.synchronize()
+        first = time.perf_counter() - t0
+        for _ in range(warmup - 1):
+            pipe(PROMPT, **kw)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            pipe(PROMPT, **kw)
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - t0) * 1000)
+    return {**quantiles(times), "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30, "first_call_s": first}
+
+
+def components(pipe, batch: int, height: int, width: int, cfg: bool, repeats: int = 30) -> dict[str, dict]:
+    """The peer's text encoder, UNet step and VAE decode, each timed with CUDA events over calls after warm-up."""
+    device, dtype = pipe.device, pipe.unet.dtype
+    unet_batch = 2 * batch if cfg else batch
+    x = torch.randn(unet_batch, 4, height // 8, width // 8, device=device, dtype=dtype)
+    t = torch.tensor(999.0, device=device)
+    with torch.inference_mode():
+        added = None
+        if not hasattr(pipe, "text_encoder_2"):
+            embeds = pipe.encode_prompt(PROMPT, device, unet_batch, False)[0]
+        else:
+            embeds, _, pooled, _ = pipe.encode_prompt(PROMPT, None, device, unet_batch, False)
+            time_ids = torch.tensor([[height, width, 0, 0, height, width]] * unet_batch, device=device, dtype=dtype)
+            added = {"text_embeds": pooled, "time_ids": time_ids}
+        z = torch.randn(batch, 4, height // 8, width // 8, device=device, dtype=pipe.vae.dtype)
+        calls = {
+            "text_encoder": lambda: (
+                pipe.encode_prompt(PROMPT, device, batch, False)
+                if added is None
+                else pipe.encode_prompt(PROMPT, None, device, batch, False)
+            ),
+            "unet_step": lambda: pipe.unet(x, t, embeds, added_cond_kwargs=added),
+            "decode": lambda: pipe.vae.decode(z / pipe.vae.config.scaling_factor),
+        }
+        return {name: event_times(fn, repeats) for name, fn in calls.items()}
+
+
+def event_times(fn, repeats: int) -> dict:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+    for s, e in events:
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return quantiles([s.elapsed_time(e) for s, e in events])
