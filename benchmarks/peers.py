@@ -145,10 +145,10 @@ def components(pipe, batch: int, height: int, width: int, cfg: bool, repeats: in
             "unet_step": lambda: pipe.unet(x, t, embeds, added_cond_kwargs=added),
             "decode": lambda: pipe.vae.decode(z / pipe.vae.config.scaling_factor),
         }
-        return {name: _event_times(fn, repeats) for name, fn in calls.items()}
+        return {name: event_times(fn, repeats) for name, fn in calls.items()}
 
 
-def _event_times(fn, repeats: int) -> dict:
+def event_times(fn, repeats: int) -> dict:
     for _ in range(3):
         fn()
     torch.cuda.synchronize()

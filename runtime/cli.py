@@ -9,7 +9,13 @@ import sys
 
 import diffrt
 
-SUBCOMMANDS = ("diffrt.cli_generate", "diffrt.cli_bench", "diffrt.loading.info", "diffrt.train.cli")
+SUBCOMMANDS = (
+    "diffrt.cli_generate",
+    "diffrt.cli_bench",
+    "diffrt.loading.info",
+    "diffrt.train.cli",
+    "diffrt.export.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

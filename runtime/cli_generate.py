@@ -174,8 +174,13 @@ def run_generate(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
     # 2. Describe the model (configs and tokenizers; no weights are read) and check the whole request against it.
     model = args.model or DEFAULT_MODEL
-    source = open_model(model, variant=args.variant, allow_pickle=args.allow_pickle, tokenizer=args.tokenizer,
-                        prediction_type=args.prediction_type)  # fmt: skip
+    exported = exported_model(model, args.backend)
+    if exported is not None and args.backend is None:  # an export folder runs on ONNX Runtime unless told otherwise
+        backend = make_backend("onnxruntime")
+    if exported is not None and (controlnets or loras):
+        raise ValueError("--controlnet and --lora need the model's torch modules; an export folder runs its files")
+    source = exported or open_model(model, variant=args.variant, allow_pickle=args.allow_pickle,
+                                    tokenizer=args.tokenizer, prediction_type=args.prediction_type)  # fmt: skip
     request = GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
         steps=args.steps, sampler=args.sampler, guidance_scale=args.cfg, eta=args.eta, seed=args.seed,
@@ -199,7 +204,11 @@ def run_generate(args: argparse.Namespace) -> int:
 
     from diffrt.pipeline import Pipeline
 
-    pipe = Pipeline.from_components(source.components(), device=device, dtype=dtype, backend=backend)
+    if exported is None:
+        pipe = Pipeline.from_components(source.components(device), device=device, dtype=dtype, backend=backend)
+    else:  # an export folder: its backend runs the files (checked first), no torch modules are built
+        pipe = Pipeline.from_export(exported.folder, device=device, dtype=dtype if args.dtype else None,
+                                    backend=backend)  # fmt: skip
     for path in controlnets:
         pipe.load_controlnet(path, allow_pickle=args.allow_pickle)
     for path, scale in loras:
@@ -213,6 +222,20 @@ def run_generate(args: argparse.Namespace) -> int:
     size = f"{result.images[0].width}x{result.images[0].height}"
     print(f"wrote {', '.join(paths)} ({size}, {request.sampler}, {request.steps} steps, seed {result.seed})")
     return 0
+
+
+def exported_model(model: str, backend: str | None):
+    """A `diffrt export` folder described from its manifest (None if `model` is not one); it runs on the
+    onnxruntime (the default for it) or tensorrt backend only."""
+    from diffrt.export.manifest import is_export_folder
+
+    if not (os.path.isdir(model) and is_export_folder(model)):
+        return None
+    if backend not in (None, "onnxruntime", "tensorrt"):
+        raise ValueError(f"{model} is an ONNX export folder: run it with --backend onnxruntime or tensorrt")
+    from diffrt.export.exported import describe_export
+
+    return describe_export(model)
 
 
 def note_prompt_outside_the_grammar(prompt: str) -> None:

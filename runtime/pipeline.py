@@ -98,6 +98,29 @@ class Pipeline:
         roles = backend.roles(components, dtype)
         return cls(spec, (components.tokenizer, components.tokenizer_2), roles, backend, device, dtype, components)
 
+    @classmethod
+    def from_export(
+        cls,
+        folder: str | os.PathLike,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        backend: "str | Backend" = "onnxruntime",
+    ) -> "Pipeline":
+        """From a `diffrt export` folder alone (every file checked against its manifest first; no torch modules
+        are built), run by `backend`: "onnxruntime" or "tensorrt", or such a backend object with its options
+        (diffrt.backends.onnxruntime / .tensorrt). dtype: the latents', default the export's."""
+        from diffrt.export.exported import open_export
+
+        backend = make_backend(backend)
+        if not hasattr(backend, "roles_for_export"):
+            raise ValueError(f"backend {backend.name!r} runs torch modules; an export folder runs on onnxruntime or "
+                             "tensorrt")  # fmt: skip
+        model = open_export(folder)
+        dtype = dtype or getattr(torch, model.manifest["dtype"])
+        roles = backend.roles_for_export(model, device, dtype)
+        return cls(model.spec, model.tokenizers(), roles, backend, torch.device(device), dtype)
+
     def load_controlnet(self, path_or_module: "str | os.PathLike | torch.nn.Module", allow_pickle: bool = False) -> int:
         """Add a ControlNet (a diffusers folder, a single file, or a ControlNetModel); returns its index. Requests
         then give one control image per ControlNet, in the order they were added."""

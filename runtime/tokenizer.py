@@ -115,6 +115,17 @@ class CLIPTokenizer:
         max_length = int(config.get("model_max_length", 77))
         return cls(vocab, merges, model_max_length=max_length, added_tokens=list(added.values()), **special)
 
+    def save_pretrained(self, folder: str | Path) -> list[str]:
+        """Write `tokenizer.json` and `tokenizer_config.json` into `folder` (what `from_pretrained` reads back, as
+        transformers v5 saves them); returns the file names written."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {"model_max_length": self.model_max_length, "bos_token": self.bos_token,
+                  "eos_token": self.eos_token, "unk_token": self.unk_token, "pad_token": self.pad_token}  # fmt: skip
+        (folder / "tokenizer.json").write_text(self._tok.to_str())
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+        return ["tokenizer.json", "tokenizer_config.json"]
+
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)

@@ -31,7 +31,7 @@ class Backend(Protocol):
     ) -> "tuple[Tensor, Tensor]": ...
 
 
-BACKENDS = ("torch", "triton", "cuda-graph")
+BACKENDS = ("torch", "triton", "cuda-graph", "onnxruntime", "tensorrt")
 
 
 def default_backend(device: "str | torch.device") -> str:
@@ -46,7 +46,9 @@ def default_backend(device: "str | torch.device") -> str:
 
 
 def make_backend(backend: "str | Backend") -> "Backend":
-    """A backend by name (BACKENDS), or the given backend object itself."""
+    """A backend by name (BACKENDS), or the given backend object itself. By name, "onnxruntime" and "tensorrt" export
+    the pipeline's modules on first use into a cache folder; construct OnnxRuntimeBackend(DIR) or
+    TensorRTBackend(DIR, ...) to run a `diffrt export` folder or choose providers, profiles and caches."""
     if not isinstance(backend, str):
         return backend
     from diffrt.backends.eager import EagerBackend
@@ -60,4 +62,12 @@ def make_backend(backend: "str | Backend") -> "Backend":
         from diffrt.backends.cuda_graph import CudaGraphBackend
 
         return CudaGraphBackend()
+    if backend == "onnxruntime":
+        from diffrt.backends.onnxruntime import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend()
+    if backend == "tensorrt":
+        from diffrt.backends.tensorrt import TensorRTBackend
+
+        return TensorRTBackend()
     raise ValueError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")

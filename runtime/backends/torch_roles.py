@@ -54,11 +54,15 @@ class TorchControlNet:
 
 class TorchImageCodec:
     """AutoencoderKL or AutoencoderTiny as the image codec: pixel range, latent scaling and the posterior sample
-    inside, as diffusers' pipelines apply them. The VAE runs in its own dtype (the SDXL VAE in fp32 under fp16)."""
+    inside, as diffusers' pipelines apply them. The VAE runs in its own dtype (the SDXL VAE in fp32 under fp16).
 
-    def __init__(self, vae: nn.Module, latent_dtype: torch.dtype) -> None:
+    `vae` is the module, or any object with its `config`, `encode` and `decode` (an exported graph's,
+    diffrt.backends.graph_roles.GraphVae); such an object has no parameters, so it names its `vae_dtype`."""
+
+    def __init__(self, vae: nn.Module, latent_dtype: torch.dtype, vae_dtype: torch.dtype | None = None) -> None:
         self.vae = vae
         self.latent_dtype = latent_dtype
+        self._vae_dtype = vae_dtype
         config = vae.config
         self.scaling_factor = config.scaling_factor
         self.shift_factor = getattr(config, "shift_factor", None) or 0.0
@@ -66,7 +70,7 @@ class TorchImageCodec:
 
     @property
     def vae_dtype(self) -> torch.dtype:
-        return next(self.vae.parameters()).dtype
+        return self._vae_dtype or next(self.vae.parameters()).dtype
 
     def encode(self, images: Tensor, noise: NoiseSource | None = None) -> Tensor:
         encoded = self.vae.encode((images * 2 - 1).to(self.vae_dtype))
