@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One device call of the fast path's checks and latency harness, each stage time-boxed, logs and JSON under $OUT.
 # Carry .whl (../shared/tools/device_wheels.sh: diffusers for the peers). Phases, one call each:
+#   overhead: benchmarks/overhead.py (where an end-to-end call's time goes beyond its graph replays) for SD2.1 512²
+#          1 step and LCM 4 steps, then the graph backend's GPU tests
 #   check: the GPU tests of the graph backend, backends, samplers and attention; time to first image cold/warm;
 #          the harness for SD2.1 at 512 with every peer (a first ratio)
 #   sd21 / sdxl / sd15: the harness for that architecture at 256..2048, peers at 512 and 1024 (sd21 first runs the
@@ -26,6 +28,16 @@ check)
   stage first_warm 50 python3 benchmarks/first_image.py --arch sd21 --cache-dir /tmp/diffrt-cache --commit "$C" --out "$OUT/first_image_warm.json"
   export TRITON_CACHE_DIR=/tmp/diffrt-cache
   stage latency 215 python3 benchmarks/latency.py --archs sd21 --sizes 512 --peers eager,compile --runs "1 step,LCM 4 steps" --budget-s 190 --commit "$C" --out "$OUT/latency_check.json"
+  ;;
+overhead)
+  export TRITON_CACHE_DIR=/tmp/diffrt-cache
+  for run in "1 step" "LCM 4 steps"; do
+    stage "overhead_${run// /_}" 150 python3 benchmarks/overhead.py --arch sd21 --size 512 --run "$run" --commit "$C" --trace "$OUT/trace_${run// /_}.json" --out "$OUT/overhead_${run// /_}.json"
+    sed -n '1,60p' "$OUT/overhead_${run// /_}.log"
+  done
+  gzip -f "$OUT"/trace_*.json
+  stage gpu_tests 150 python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_cuda_graph.py
+  grep -E "max abs|passed|failed|Error" "$OUT/gpu_tests.log" | tail -n 12
   ;;
 sd21|sdxl|sd15)
   export TRITON_CACHE_DIR=/tmp/diffrt-cache
