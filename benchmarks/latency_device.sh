@@ -2,7 +2,7 @@
 # One device call of the fast path's checks and latency harness, each stage time-boxed, logs and JSON under $OUT.
 # Carry .whl (../shared/tools/device_wheels.sh: diffusers for the peers). Phases, one call each:
 #   overhead: benchmarks/overhead.py (where an end-to-end call's time goes beyond its graph replays) for SD2.1 512²
-#          1 step and LCM 4 steps, then the graph backend's GPU tests
+#          1 step and LCM 4 steps; the VAE decoder's error and time in fp32/bf16/fp16; the graph backend's GPU tests
 #   check: the GPU tests of the graph backend, backends, samplers and attention; time to first image cold/warm;
 #          the harness for SD2.1 at 512 with every peer (a first ratio)
 #   sd21 / sdxl / sd15: the harness for that architecture at 256..2048, peers at 512 and 1024 (sd21 first runs the
@@ -36,6 +36,8 @@ overhead)
     sed -n '1,60p' "$OUT/overhead_${run// /_}.log"
   done
   gzip -f "$OUT"/trace_*.json
+  stage vae_precision 120 python3 benchmarks/vae_precision.py --archs sdxl,sd21 --sizes 512,1024 --commit "$C" --out "$OUT/vae_precision.json"
+  cat "$OUT/vae_precision.log"
   stage gpu_tests 150 python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_cuda_graph.py
   grep -E "max abs|passed|failed|Error" "$OUT/gpu_tests.log" | tail -n 12
   ;;

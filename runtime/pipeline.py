@@ -60,6 +60,7 @@ class Pipeline:
         backend: "str | Backend | None" = None,
         seed: int = 0,
         controlnet: "str | os.PathLike | list | None" = None,
+        vae_dtype: torch.dtype | None = None,
     ) -> "Pipeline":
         """From a diffusers pipeline folder, a single-file checkpoint (with `tokenizer=` folder(s), since such a
         file carries none), or a preset name (`diffrt.presets.PRESETS`: real architectures, random weights seeded
@@ -67,13 +68,15 @@ class Pipeline:
         file does not say which it was trained for (v is assumed, as diffusers does; SD2-base and SD-Turbo need
         "epsilon"). backend: a name in diffrt.backends.BACKENDS or a backend object, this pipeline's own; default:
         cuda-graph on a GPU, torch elsewhere. controlnet: a ControlNet path (or a list of them) to add
-        (`load_controlnet`)."""
+        (`load_controlnet`). vae_dtype: the VAE's own dtype (default: the pipeline's, fp32 for the SDXL VAE under
+        fp16; torch.bfloat16 keeps fp32's exponent range at half its cost, benchmarks/NOTES_latency.md)."""
         from diffrt.assembly import open_model
 
         backend = make_backend(backend or default_backend(device))  # first: an unknown one fails before loading
         source = open_model(path_or_preset, variant=variant, allow_pickle=allow_pickle, tokenizer=tokenizer,
                             prediction_type=prediction_type, seed=seed)  # fmt: skip
-        pipe = cls.from_components(source.components(device), device=device, dtype=dtype, backend=backend)
+        pipe = cls.from_components(source.components(device), device=device, dtype=dtype, backend=backend,
+                                   vae_dtype=vae_dtype)  # fmt: skip
         for path in [] if controlnet is None else controlnet if isinstance(controlnet, list) else [controlnet]:
             pipe.load_controlnet(path, allow_pickle=allow_pickle)
         return pipe
@@ -86,15 +89,18 @@ class Pipeline:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         backend: "str | Backend | None" = None,
+        vae_dtype: torch.dtype | None = None,
     ) -> "Pipeline":
-        """Own `components` (moved to device and dtype; the backend sets their kernels) and run them on `backend`."""
+        """Own `components` (moved to device and dtype; the backend sets their kernels) and run them on `backend`.
+        vae_dtype: as in from_pretrained."""
         device = torch.device(device)
         backend = make_backend(backend or default_backend(device))
         spec = spec_of(components)
+        # The SDXL VAE overflows in fp16: it runs in fp32 by default, as diffusers' SDXL pipelines upcast it.
+        upcast = spec.memory.vae_upcast and dtype == torch.float16
+        vae_dtype = vae_dtype or (torch.float32 if upcast else dtype)
         for name, module in components.modules().items():
-            # The SDXL VAE overflows in fp16: it runs in fp32, as diffusers' SDXL pipelines upcast it.
-            upcast = name == "vae" and spec.memory.vae_upcast and dtype == torch.float16
-            module.to(device=device, dtype=torch.float32 if upcast else dtype).eval().requires_grad_(False)
+            module.to(device=device, dtype=vae_dtype if name == "vae" else dtype).eval().requires_grad_(False)
         roles = backend.roles(components, dtype)
         return cls(spec, (components.tokenizer, components.tokenizer_2), roles, backend, device, dtype, components)
 
