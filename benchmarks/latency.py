@@ -29,6 +29,7 @@ from diffrt.request import GenerationRequest  # noqa: E402
 
 TAESD = {"sd15": "taesd", "sd21": "taesd", "sdxl": "taesdxl"}
 IMPLS = ("diffrt", "diffusers eager", "diffusers compile")
+COMPONENTS = ("text_encoder", "unet_step", "decode")
 COMPILE_RESERVE_S = 200  # torch.compile took 50 s (UNet) + 19 s (VAE) at 512² and 182 s + 42 s at 1024² on an H200
 
 
@@ -153,6 +154,21 @@ def report(path: str) -> None:
         ratio = f"{c / d:.2f}x" if d and c else ""
         cells = [f"{v:.2f}" if v else "" for v in (d, e, c)]
         lines.append(f"| {arch} | {what} | {batch} | {size}² | {' | '.join(cells)} | {ratio} |")
+    lines += [
+        "",
+        "End to end against the sum of its components' graph replays (issue 10: within 5% or 0.3 ms):",
+        "",
+        "| arch | batch | size | run | e2e ms | components ms | over |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (arch, what, batch, size), by in sorted(table.items()):
+        parts = {w: table.get((arch, w, batch, size), {}).get("diffrt") for w in COMPONENTS}
+        steps = {"e2e 1 step": 1, "e2e LCM 4 steps": 4}.get(what)
+        if steps and by.get("diffrt") and all(parts.values()):
+            total = parts["text_encoder"] + steps * parts["unet_step"] + parts["decode"]
+            over = by["diffrt"] - total
+            lines.append(f"| {arch} | {batch} | {size}² | {what[4:]} | {by['diffrt']:.2f} | {total:.2f} | "
+                         f"{over:+.2f} ms ({100 * over / total:+.1f}%) |")  # fmt: skip
     env = rows[0] if rows else {}
     head = f"{env.get('gpu')}, torch {env.get('torch')}, commit {env.get('commit')}, {env.get('date')}\n\n"
     Path(path).with_suffix(".md").write_text(head + "\n".join(lines) + "\n")

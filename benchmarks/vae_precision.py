@@ -53,7 +53,7 @@ def main() -> None:
                 reference = codecs["fp32"].decode(latents).float()
                 for name, codec in codecs.items():
                     images = codec.decode(latents).float()
-                    timing = latency.graph_replay_ms(lambda c=codec: c.decode(latents))
+                    timing = latency.graph_replay_ms(lambda c=codec, z=latents: c.decode(z))
                     row = {**env, "arch": arch, "size": size, "vae_dtype": name, **timing,
                            "max_abs": (images - reference).abs().max().item(), "psnr_db": psnr(images, reference),
                            "nan": bool(torch.isnan(images).any().item())}  # fmt: skip

@@ -150,7 +150,9 @@ class CLIPTokenizer:
             raise ValueError(f"max_length {max_length} leaves no room for the start and end tokens")
         room = max_length - 2
         rows = []
-        for i, encoding in enumerate(self._tok.encode_batch(prompts, add_special_tokens=False)):
+        # One encode per prompt: encode_batch hands a batch to a thread pool, which costs a single prompt 0.3 ms
+        # on the fast path's critical path (benchmarks/NOTES_latency.md, run 5).
+        for i, encoding in enumerate(self._tok.encode(p, add_special_tokens=False) for p in prompts):
             ids = encoding.ids
             if len(ids) > room:
                 warnings.warn(

@@ -146,3 +146,19 @@ def test_the_vae_runs_in_the_dtype_asked_for():
     ours, reference = bf16("a red circle", **kw), default("a red circle", **kw)
     assert ours.dtype == torch.bfloat16 and torch.isfinite(ours).all()
     assert 0 < (ours.float() - reference).abs().max() < 0.05  # bf16 rounding, not another image
+
+
+def test_the_sdxl_vae_leaves_fp16_for_a_wider_exponent():
+    """Only a VAE that overflows in fp16 leaves the pipeline's dtype: fp32 off a GPU (diffusers' upcast), bf16 on one
+    that has it (its error and time: benchmarks/results/vae_precision_h200.json)."""
+    from diffrt.assembly import open_model
+    from diffrt.pipeline import default_vae_dtype
+
+    sdxl, sd15 = open_model("tiny-sdxl").spec, open_model("tiny-sd15").spec
+    cpu = torch.device("cpu")
+    assert sdxl.memory.vae_upcast and not sd15.memory.vae_upcast
+    assert default_vae_dtype(sdxl, cpu, torch.float16) == torch.float32
+    assert default_vae_dtype(sdxl, cpu, torch.float32) == torch.float32
+    assert default_vae_dtype(sd15, cpu, torch.float16) == torch.float16
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        assert default_vae_dtype(sdxl, torch.device("cuda"), torch.float16) == torch.bfloat16

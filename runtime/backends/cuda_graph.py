@@ -64,7 +64,7 @@ class CudaGraphBackend:
         """What each captured generation holds: its shapes, the memory its capture added and its replay count."""
         rows = []
         for (bucket, *_), captured in self._buckets.items():
-            shape, sampler, schedule, cfg, _ = bucket
+            shape, sampler, schedule, cfg, *_ = bucket
             rows.append({"latents": shape, "sampler": sampler, "steps": len(schedule.timesteps), "cfg": cfg,
                          **captured.report()})  # fmt: skip
         return rows
