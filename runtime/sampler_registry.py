@@ -84,8 +84,10 @@ ETA_SAMPLERS = tuple(name for name, sampler in SAMPLERS.items() if sampler.eta i
 
 
 def _config_key(config: SchedulerConfig) -> tuple:
-    """A hashable copy of the config (trained_betas is a list)."""
-    return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in dataclasses.asdict(config).items())
+    """A hashable copy of the config (trained_betas is a list); field by field, since dataclasses.asdict's deep copy
+    cost 0.1 ms of every call's host time before its first launch."""
+    fields = ((f.name, getattr(config, f.name)) for f in dataclasses.fields(config))
+    return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in fields)
 
 
 @functools.lru_cache(maxsize=128)
