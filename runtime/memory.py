@@ -28,7 +28,12 @@ class MemoryModel:
     vae_upcast: bool = False  # the VAE runs in fp32 whatever the pipeline's dtype
 
     def activation_bytes(self, batch: int, height: int, width: int, scale: int, dtype: torch.dtype, cfg: bool) -> int:
-        """Peak activation bytes of one generation of `batch` images at height x width pixels."""
+        """Peak activation bytes of one generation of `batch` images at height x width pixels, decoded whole."""
+        return max(self.unet_bytes(batch, height, width, scale, dtype, cfg),
+                   self.decoder_bytes(batch, height, width, scale, dtype))  # fmt: skip
+
+    def unet_bytes(self, batch: int, height: int, width: int, scale: int, dtype: torch.dtype, cfg: bool) -> int:
+        """Peak activation bytes of one UNet step: every skip held for the up path, the widest level's working set."""
         item = dtype.itemsize
         latent_pixels = (height // scale) * (width // scale)
         unet_batch = batch * (2 if cfg else 1)
@@ -37,11 +42,14 @@ class MemoryModel:
             size = channels * math.ceil(latent_pixels / 4**level)
             skips += kept * size
             widest = max(widest, size)
-        unet = unet_batch * item * (skips + UNET_WORKING_SET * widest)
-        vae_item = 4 if self.vae_upcast else item
+        return unet_batch * item * (skips + UNET_WORKING_SET * widest)
+
+    def decoder_bytes(self, batch: int, height: int, width: int, scale: int, dtype: torch.dtype) -> int:
+        """Peak activation bytes of decoding `batch` images of height x width pixels at once."""
+        latent_pixels = (height // scale) * (width // scale)
+        vae_item = 4 if self.vae_upcast else dtype.itemsize
         largest = max(c * latent_pixels * 4**i for i, c in enumerate(self.decoder_levels))
-        decoder = batch * vae_item * DECODER_WORKING_SET * largest
-        return max(unet, decoder)
+        return batch * vae_item * DECODER_WORKING_SET * largest
 
     def weight_bytes(self, dtype: torch.dtype) -> int:
         return self.parameters * dtype.itemsize

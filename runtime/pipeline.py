@@ -43,7 +43,7 @@ class Pipeline:
         self.device, self.dtype = torch.device(device), dtype
         self.components = components  # the torch modules behind the roles, where there are any
         self.prompt_cache = PromptCache(prompt_cache_size)
-        self._ran: set[tuple] = set()  # memory_keys of requests that ran: they fit, no need to estimate again
+        self._ran: dict[tuple, int | None] = {}  # memory_key -> vae_tile of requests that ran: no need to estimate
         self._loras = None  # diffrt.lora.LoRAWeights, made by the first load_lora
 
     @classmethod
@@ -223,12 +223,12 @@ class Pipeline:
         request's seed (a CPU generator reproduces diffusers' numbers on any device). callback(step, latents,
         denoised) after every step (a backend that replays graphs calls it after the run)."""
         # 1. Resolve and check the request (host; raises before any work).
-        request = self.resolve(request)
+        asked, request = request, self.resolve(request)
         # 2. Plan on the host: schedule, conditioning, noise, static shapes.
         plan = self.plan(request, generator)
         # 3. Run the plan on the device, with no host sync: the sampler loop, then the decode.
         images, latents = self.backend.run(plan, self.roles, callback)
-        self._ran.add(memory_key(request, self.spec))
+        self._ran[memory_key(replace(request, vae_tile=asked.vae_tile), self.spec)] = request.vae_tile
         # 4. Post-process into the requested output type (the device-to-host copy happens here).
         return GenerationResult(to_output(images, request.output_type), latents, plan.seed)
 

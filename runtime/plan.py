@@ -21,6 +21,7 @@ from diffrt.roles import Conditioning, Denoiser, ImageCodec, Roles
 from diffrt.sampler_registry import SAMPLERS, Sampler
 from diffrt.samplers import Callback, NoiseSource, X0Predictor, add_noise, initial_latents
 from diffrt.schedules import Schedule, truncate_for_strength
+from diffrt.tiled_decode import decode_in_parts
 
 PromptEmbeddings = Callable[[list[str], int | None], tuple[Tensor, Tensor | None]]  # (prompts, clip_skip) -> cached
 
@@ -44,7 +45,13 @@ class GenerationPlan:
         """What fixes a CUDA graph of this plan: shapes, schedule, whether there is an unconditional batch, and
         which ControlNets run at which step."""
         return (tuple(self.latents.shape), self.sampler.name, self.schedule, self.guidance_scale is not None,
-                tuple(sorted(self.options.items())), self.control.bucket if self.control else None)  # fmt: skip
+                tuple(sorted(self.options.items())), self.control.bucket if self.control else None,
+                self.request.vae_tile or None)  # fmt: skip
+
+    def decode(self, codec: ImageCodec, latents: Tensor) -> Tensor:
+        """The plan's decode: whole, or in the parts its resolved request asks for (diffrt.tiled_decode)."""
+        scale = self.request.height // latents.shape[-2]
+        return decode_in_parts(codec.decode, latents, self.request.vae_tile or None, scale)
 
 
 def make_plan(
@@ -109,7 +116,7 @@ def run_plan(plan: GenerationPlan, roles: Roles, callback: Callback | None = Non
     outputs = model_outputs(roles, plan.cond, plan.guidance_scale, plan.control)
     model = X0Predictor(outputs, plan.prediction_type, plan.schedule, plan.latents.device)
     latents = plan.sampler.sample(model, plan.latents, plan.schedule, plan.noise, callback, **plan.options)
-    return roles.codec.decode(latents), latents
+    return plan.decode(roles.codec, latents), latents
 
 
 def model_outputs(

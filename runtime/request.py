@@ -17,6 +17,7 @@ from diffrt.models.text_conditioning import check_clip_skip
 from diffrt.sampler_registry import ETA_SAMPLERS, SAMPLERS
 from diffrt.samplers import check_eta
 from diffrt.schedules import check_strength
+from diffrt.tiled_decode import MIN_TILE
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 
@@ -44,6 +45,9 @@ class GenerationRequest:
     target_size: tuple[int, int] | None = None
     output_type: str = "pil"  # "pil" (list of images), "np" (float [B, H, W, 3] in [0, 1]), "pt" ([B, 3, H, W])
     check_memory: bool = True  # refuse a request whose estimated memory exceeds what the device has free
+    # Decode in tiles of at most this many pixels a side, image by image (diffrt.tiled_decode). None: only where the
+    # whole decode would not fit in free memory (resolved to the tile chosen, else left None); 0: always whole.
+    vae_tile: int | None = None
     # ControlNet (one entry per ControlNet of the pipeline; a single value applies to all): the control image (PIL, or
     # [B, C, H, W] in [0, 1]; resized to the output, which defaults to its size), the residuals' scale, and the share
     # of the schedule [start, end] it guides. Resolved to tuples of one entry per ControlNet.
@@ -82,12 +86,13 @@ def resolve_request(
     device: torch.device,
     dtype: torch.dtype,
     weights_resident: bool,
-    known_to_fit: set | None = None,
+    known_to_fit: dict | None = None,
 ) -> GenerationRequest:
     """The request with every default filled in; ValueError naming each mistake once if it cannot run.
 
     weights_resident: the model is already on `device` (its weights are no longer part of what must fit).
-    known_to_fit: `memory_key`s of requests that already ran here; they skip the estimate (and its device query).
+    known_to_fit: {memory_key: the vae_tile it resolved to} of requests that already ran here; they skip the
+    estimate (and its device query).
     """
     problems: list[str] = []
 
@@ -136,14 +141,23 @@ def resolve_request(
     check(_check_micro_conditioning, request, spec)
     if request.output_type not in OUTPUT_TYPES:
         problems.append(f"output_type {request.output_type!r}; choose one of: {', '.join(OUTPUT_TYPES)}")
+    if request.vae_tile is not None:
+        check(_check_vae_tile, request.vae_tile, spec.vae_scale)
     if request.seed is not None and not (isinstance(request.seed, int) and 0 <= request.seed < 2**63):
         problems.append(f"seed {request.seed!r} must be an integer in [0, 2**63)")
     resolved = replace(request, sampler=sampler, steps=steps, guidance_scale=guidance, height=height, width=width,
                        **(control or {}))  # fmt: skip
     if size_ok and prompts_ok and not problems:
         check(_check_shapes, resolved, spec)
-    if not problems and request.check_memory and memory_key(resolved, spec) not in (known_to_fit or ()):
-        check(_check_memory, resolved, spec, device, dtype, weights_resident)
+    key = memory_key(resolved, spec) if not problems else None
+    if key is not None and request.check_memory:
+        if key in (known_to_fit or {}):
+            resolved = replace(resolved, vae_tile=known_to_fit[key])
+        else:
+            try:
+                resolved = replace(resolved, vae_tile=_fit_memory(resolved, spec, device, dtype, weights_resident))
+            except ValueError as e:
+                problems.append(str(e))
     if len(problems) == 1:
         raise ValueError(problems[0])
     if problems:
@@ -152,8 +166,8 @@ def resolve_request(
 
 
 def memory_key(request: GenerationRequest, spec: ModelSpec) -> tuple:
-    """What the memory a resolved request needs depends on."""
-    return (request.images_out, request.height, request.width, uses_cfg(request, spec))
+    """What the memory a resolved request needs depends on (its vae_tile as the caller asked for it)."""
+    return (request.images_out, request.height, request.width, uses_cfg(request, spec), request.vae_tile)
 
 
 def uses_cfg(request: GenerationRequest, spec: ModelSpec) -> bool:
@@ -283,34 +297,51 @@ def _check_shapes(request: GenerationRequest, spec: ModelSpec) -> None:
             raise ValueError(f"latents have shape {tuple(request.latents.shape)}; this call needs {shape}")
 
 
-def _check_memory(
+def _check_vae_tile(tile, scale: int) -> None:
+    if not isinstance(tile, int) or isinstance(tile, bool) or (tile != 0 and (tile < MIN_TILE or tile % scale)):
+        raise ValueError(f"vae_tile {tile!r} must be 0 (decode whole) or a multiple of {scale} pixels >= {MIN_TILE}")
+
+
+def _fit_memory(
     request: GenerationRequest, spec: ModelSpec, device: torch.device, dtype: torch.dtype, weights_resident: bool
-) -> None:
+) -> int | None:
+    """The request's decode tile (None: whole) that lets it fit in what `device` has free: the caller's, or where
+    it asked for none, whole if that fits, else image by image, else the largest tile that fits. ValueError with the
+    largest size of the same aspect ratio that would fit when nothing does."""
     available = available_bytes(device)
-    if available is None:
-        return
-    weights = 0 if weights_resident else spec.memory.weight_bytes(dtype)
-    cfg = uses_cfg(request, spec)
-
-    def needed(h: int, w: int) -> int:
-        return weights + spec.memory.activation_bytes(request.images_out, h, w, spec.vae_scale, dtype, cfg)
-
     h, w = request.height, request.width
-    if needed(h, w) <= available:
-        return
+    if request.vae_tile is not None:
+        candidates = [request.vae_tile or None]
+    else:  # whole, image by image, then ever smaller tiles
+        side = max(h, w)
+        candidates = [None, side, *(t for t in (2048, 1536, 1024, 768, 512, MIN_TILE) if t < side)]
+    if available is None:
+        return candidates[0]
+    m, n, scale, cfg = spec.memory, request.images_out, spec.vae_scale, uses_cfg(request, spec)
+    weights = 0 if weights_resident else m.weight_bytes(dtype)
+
+    def needed(h: int, w: int, tile: int | None) -> int:
+        decoder = m.decoder_bytes(n, h, w, scale, dtype) if tile is None else m.decoder_bytes(
+            1, min(h, tile), min(w, tile), scale, dtype)  # fmt: skip
+        return weights + max(m.unet_bytes(n, h, w, scale, dtype, cfg), decoder)
+
+    for tile in candidates:
+        if needed(h, w, tile) <= available:
+            return tile
     # The largest size of the same aspect ratio that fits (activations grow with the pixel count).
+    smallest = candidates[-1]
     fit, lo, hi = None, 0.0, 1.0
     for _ in range(40):
         mid = (lo + hi) / 2
         mh, mw = (max(spec.vae_scale, int(s * mid) // spec.vae_scale * spec.vae_scale) for s in (h, w))
-        if needed(mh, mw) <= available:
+        if needed(mh, mw, smallest) <= available:
             lo, fit = mid, (mw, mh)
         else:
             hi = mid
     ratio = math.gcd(w, h)
     advice = f"the largest {w // ratio}:{h // ratio} size that fits is {fit[0]}x{fit[1]}" if fit else "no size fits"
     raise ValueError(
-        f"{w}x{h} x {request.images_out} image(s) needs about {gib(needed(h, w))} on {device} "
+        f"{w}x{h} x {request.images_out} image(s) needs about {gib(needed(h, w, smallest))} on {device} "
         f"(estimated) but {gib(available)} is free; {advice} (or pass check_memory=False / --no-memory-check to try "
         "anyway)"
     )

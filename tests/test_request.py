@@ -74,14 +74,14 @@ def test_a_size_that_cannot_fit_is_refused_with_the_largest_that_does(default_sp
     available = available_bytes(CPU)
     if available is None:
         pytest.skip("this OS does not say how much memory is available")
-    with pytest.raises(ValueError, match=r"16384x16384 x 1 image\(s\) needs about .* GiB on cpu") as e:
-        resolve(default_spec, height=16384, width=16384)
+    with pytest.raises(ValueError, match=r"65536x65536 x 1 image\(s\) needs about .* GiB on cpu") as e:
+        resolve(default_spec, height=65536, width=65536)
     w, h = map(int, re.search(r"the largest 1:1 size that fits is (\d+)x(\d+)", str(e.value)).groups())
-    assert w == h and w % 8 == 0 and 64 <= w < 16384
+    assert w == h and w % 8 == 0 and 64 <= w < 65536
     assert resolve(default_spec, height=h, width=w).height == h  # the size it names does pass
     with pytest.raises(ValueError, match="needs about"):
         resolve(default_spec, height=h + 8 * 64, width=w + 8 * 64)
-    resolve(default_spec, height=16384, width=16384, check_memory=False)  # the override (nothing runs here)
+    resolve(default_spec, height=65536, width=65536, check_memory=False)  # the override (nothing runs here)
 
 
 def test_the_pipeline_refuses_before_any_work(monkeypatch):
@@ -90,7 +90,7 @@ def test_the_pipeline_refuses_before_any_work(monkeypatch):
     pipe = diffrt.Pipeline.from_pretrained("tiny-sd15")
     monkeypatch.setattr(pipe.backend, "run", lambda *a, **k: pytest.fail("ran"))
     monkeypatch.setattr(pipe, "encode_prompt", lambda *a, **k: pytest.fail("encoded"))
-    for bad in ({"guidance_scale": float("nan")}, {"width": 16384, "height": 16384}, {"sampler": "euler", "eta": 1}):
+    for bad in ({"guidance_scale": float("nan")}, {"width": 65536, "height": 65536}, {"sampler": "euler", "eta": 1}):
         with pytest.raises(ValueError):
             pipe("x", **bad)
 
@@ -98,7 +98,7 @@ def test_the_pipeline_refuses_before_any_work(monkeypatch):
 BAD = [  # CLI arguments, the words of the one message
     (["--cfg", "nan"], "guidance scale nan must be a finite number >= 0"),
     (["--cfg", "-2"], "guidance scale -2.0 must be a finite number >= 0"),
-    (["-W", "16384", "-H", "16384"], "the largest 1:1 size that fits is"),
+    (["-W", "65536", "-H", "65536"], "the largest 1:1 size that fits is"),
     (
         ["-W", "500", "--steps", "0"],
         "2 problems with this request:\n  - steps 0 must be an integer >= 1\n  - width 500",

@@ -93,7 +93,7 @@ class _Bucket:
         def generation() -> tuple[Tensor, Tensor]:
             noise = _StaticNoise(self.noise)
             latents = plan.sampler.sample(model, self.latents, plan.schedule, noise, None, **plan.options)
-            return roles.codec.decode(latents), latents
+            return plan.decode(roles.codec, latents), latents
 
         self.call = CapturedCall(generation, device)
 
