@@ -68,7 +68,7 @@ class StreamSession:
                     changes["steps"] = tuple(changes["steps"])
                 config = self.stream.update(**changes)
                 out.append({"type": "params", "prompt": config.prompt, "steps": list(config.steps),
-                            "guidance_scale": config.guidance_scale, "delta": config.delta})  # fmt: skip
+                            "guidance_scale": self.stream.guidance_scale, "delta": config.delta})  # fmt: skip
             if not isinstance(count, int) or not 0 <= count <= 64:
                 raise ValueError(f"generate {count!r} must be an integer in [0, 64]")
             for _ in range(count):

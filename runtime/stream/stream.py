@@ -166,6 +166,11 @@ class Stream:
         return new
 
     @property
+    def guidance_scale(self) -> float:
+        """The guidance scale in use (the config's, or the default it stood for)."""
+        return self._guidance_scale(self.config)
+
+    @property
     def captures(self) -> int:
         """CUDA graphs captured by this stream (1 on the graph path, whatever was updated since; 0 eagerly)."""
         return 0 if self._call is None else 1
@@ -219,13 +224,15 @@ class Stream:
             self._copied = torch.cuda.Event()
 
     def _upload(self, pixels: "np.ndarray | Tensor") -> None:
-        source = torch.from_numpy(np.ascontiguousarray(pixels)) if isinstance(pixels, np.ndarray) else pixels
-        if self._staging is None:
-            self._pixels.copy_(source)
-            return
-        # Every call ends in a host sync (the picture read, or the filter's), so the last upload has finished.
-        self._staging.copy_(source)
-        self._pixels.copy_(self._staging, non_blocking=True)
+        # Every call ends in a host sync (the picture read, or the filter's), so the last upload has finished and
+        # the pinned staging buffer is free to overwrite.
+        target = self._pixels if self._staging is None else self._staging
+        if isinstance(pixels, np.ndarray):
+            target.numpy()[...] = pixels  # one host copy, also from a read-only array (a decoded image's)
+        else:
+            target.copy_(pixels)
+        if self._staging is not None:
+            self._pixels.copy_(self._staging, non_blocking=True)
 
     def _download(self, picture: Tensor) -> np.ndarray:
         if self._picture_host is None:
