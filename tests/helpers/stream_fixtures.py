@@ -22,10 +22,10 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def frames(count: int, size: int = 64, seed: int = 0) -> list[np.ndarray]:
+def frames(count: int, height: int = 64, width: int | None = None, seed: int = 0) -> list[np.ndarray]:
     """Distinct random 8-bit RGB frames."""
     rng = np.random.default_rng(seed)
-    return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(count)]
+    return [rng.integers(0, 256, (height, width or height, 3), dtype=np.uint8) for _ in range(count)]
 
 
 def run(stream: diffrt.Stream, inputs: list) -> list[StreamFrame]:
