@@ -120,10 +120,12 @@ async def _serve(websocket: WebSocket, session: StreamSession, on_model, max_que
 
     receiver, worker = asyncio.create_task(receive()), asyncio.create_task(work())
     try:
-        done, _ = await asyncio.wait({receiver, worker}, return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            if task.exception() is not None and not isinstance(task.exception(), WebSocketDisconnect):
-                raise task.exception()
+        await asyncio.wait({receiver, worker}, return_when=asyncio.FIRST_COMPLETED)
+        # The worker failing while its client is still there is a bug (the connection closes with 1011); failing
+        # because the client left (a send after the close) is the end of the session.
+        if worker.done() and not receiver.done() and worker.exception() is not None:
+            if not isinstance(worker.exception(), WebSocketDisconnect):
+                raise worker.exception()
     finally:
         for task in (receiver, worker):
             task.cancel()

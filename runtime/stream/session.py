@@ -7,6 +7,8 @@ Client -> server: an encoded image (JPEG or PNG bytes) is a frame; a text messag
 Server -> client: {"type": "frame", "index", "status" ("done" | "skipped" | "dropped"), "repeat_of", "latency_ms",
 "bytes"} per frame, in frame order, each but a dropped one followed by its picture as JPEG bytes;
 {"type": "params", ...} after a change, {"type": "error", "message"} for what could not be used.
+A connection's query options (QUERY_OPTIONS: prompt, negative_prompt, strength, guidance_scale,
+similarity_threshold, seed, mode) set its stream's preparation over the server's defaults.
 """
 
 import io

@@ -46,6 +46,8 @@ class Stream:
         spec, n = pipe.spec, len(config.steps)
         self._latent_shape = (1, spec.latent_channels, config.height // spec.vae_scale, config.width // spec.vae_scale)
         self._graphed = self.device.type == "cuda" if cuda_graph is None else cuda_graph
+        if self._graphed and self.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True replays CUDA graphs; this pipeline is on {self.device}")
 
         with torch.inference_mode():
             # 2. Host plan, once: step coefficients, embeddings, guidance, noise; each into a static device buffer.
