@@ -41,7 +41,7 @@ class Stream:
         config = StreamConfig(**options) if config is None else replace(config, **options)
         _check_fits(pipe, config)
         self.pipe, self.config = pipe, config
-        self.device, self.dtype = pipe.device, pipe.dtype
+        self.device, self.dtype = _indexed(pipe.device), pipe.dtype
         self.codec = stream_codec(pipe, vae)
         spec, n = pipe.spec, len(config.steps)
         self._latent_shape = (1, spec.latent_channels, config.height // spec.vae_scale, config.width // spec.vae_scale)
@@ -292,6 +292,14 @@ class _Fixed(NoiseSource):
     def __call__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
         assert tuple(shape) == tuple(self.buffer.shape), "the codec drew other posterior noise than prepared"
         return self.buffer
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """A bare "cuda" as "cuda:N", the device its tensors report: graph pools and locks (diffrt.backends.graphs) are
+    kept per device, and the pipeline's own graphs key them by their tensors' device."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _check_fits(pipe, config: StreamConfig) -> None:
