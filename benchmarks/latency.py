@@ -60,10 +60,11 @@ class Results:
               f"  {ms if ms is None else round(ms, 3)} ms", flush=True)  # fmt: skip
 
 
-def diffrt_pipeline(arch: str, tiny_vae: bool, backend: str) -> Pipeline:
+def diffrt_pipeline(arch: str, tiny_vae: bool, backend: str, prediction_type: str | None = None) -> Pipeline:
     from diffrt.models.taesd import AutoencoderTiny, TAESDConfig
 
-    pipe = Pipeline.from_pretrained(arch, device="cuda", dtype=torch.float16, backend=backend)
+    pipe = Pipeline.from_pretrained(arch, device="cuda", dtype=torch.float16, backend=backend,
+                                    prediction_type=prediction_type)  # fmt: skip
     if tiny_vae:  # the same UNet and text encoders with TAESD as the image codec
         components = pipe.components
         with torch.device("cuda"):

@@ -36,7 +36,8 @@ def _text_encoder(ours: torch.nn.Module):
     return model
 
 
-def _vae(ours: torch.nn.Module):
+def diffusers_vae(ours: torch.nn.Module):
+    """diffusers' AutoencoderKL or AutoencoderTiny holding a copy of our VAE's (or TAESD's) weights."""
     from diffusers import AutoencoderKL, AutoencoderTiny
 
     c = ours.config
@@ -64,7 +65,7 @@ def diffusers_pipeline(ours: Pipeline, arch: str):
     with ours.device:  # random init where the weights go (fast on a GPU), then our weights
         unet = diffusers.UNet2DConditionModel(**UNET_CONFIGS[arch])
         unet.load_state_dict(c.unet.state_dict())
-        vae = _vae(c.vae)
+        vae = diffusers_vae(c.vae)
         encoders = [_text_encoder(e) if e is not None else None for e in (c.text_encoder, c.text_encoder_2)]
     folder = tempfile.mkdtemp(prefix="diffrt-peer-tokenizer-")
     write_clip_bpe(folder, ["a"], vocab_size=514)  # diffrt presets' byte-level vocabulary

@@ -20,4 +20,8 @@ def __getattr__(name: str):
         from diffrt.request import GenerationRequest
 
         return GenerationRequest
+    if name in ("Stream", "StreamConfig"):
+        from diffrt import stream
+
+        return getattr(stream, name)
     raise AttributeError(f"module 'diffrt' has no attribute {name!r}")

@@ -179,9 +179,7 @@ def sample_lcm(
     ac, n = schedule.alphas_cumprod, len(schedule.timesteps)
     plan = []
     for i, t in enumerate(schedule.timesteps):
-        # The consistency model's boundary condition (c_skip -> 1, c_out -> 0 as t -> 0), sigma_data = 0.5.
-        scaled = t * schedule.timestep_scaling
-        c_skip, c_out = 0.25 / (scaled**2 + 0.25), scaled / math.sqrt(scaled**2 + 0.25)
+        c_skip, c_out = lcm_boundary_scalings(t, schedule.timestep_scaling)
         a_next = ac[int(schedule.timesteps[i + 1])] if i + 1 < n else 1.0
         plan.append((c_skip, c_out, math.sqrt(a_next), math.sqrt(1 - a_next)))
     for i, (c_skip, c_out, sa_next, sb_next) in enumerate(plan):
@@ -190,6 +188,13 @@ def sample_lcm(
         x = denoised * sa_next + _fresh(noise, x) * sb_next if i + 1 < n else denoised
         _report(callback, i, x, denoised)
     return x
+
+
+def lcm_boundary_scalings(timestep: float, timestep_scaling: float) -> tuple[float, float]:
+    """(c_skip, c_out) of the consistency model's boundary condition at `timestep` (c_skip -> 1, c_out -> 0 as t -> 0),
+    sigma_data = 0.5 (Song et al. 2023; diffusers' LCMScheduler.get_scalings_for_boundary_condition_discrete)."""
+    scaled = timestep * timestep_scaling
+    return 0.25 / (scaled**2 + 0.25), scaled / math.sqrt(scaled**2 + 0.25)
 
 
 def sample_tcd(

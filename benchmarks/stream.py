@@ -1,0 +1,275 @@
+"""Real-time stream: frames per second and per-frame latency (p50/p99) of diffrt.Stream, beside StreamDiffusion
+0.1.1 and diffrt's own naive per-frame pipeline call, in one device call.
+
+SD2.1 architecture (SD-Turbo's: epsilon) 1 step and SD1.5 architecture LCM 4 steps (StreamDiffusion's examples:
+t_index_list [32] / [0] and [0, 16, 32, 45] of 50), 512², fp16, random weights; img2img and txt2img; TAESD and
+the full VAE; the ablation of stream batch and of residual CFG (none / self / initialize / full). Every frame goes
+in as uint8 [512, 512, 3] on the host (random, rotating) and comes out the same way, the device-to-host copy
+included; JPEG decode and encode (what the server adds) are timed apart. Per row: fps over the measured frames,
+call latency p50/p99 (wall time of one call), frame latency (submission to picture: with stream batch it spans
+len(steps) - 1 later calls), and for diffrt the frame graph's replay time alone (GPU work per frame). Rows go to
+--out as they are measured (benchmarks.latency.Results: a cut-off call keeps them, the next one resumes);
+--budget-s stops starting rows; `--report` writes the markdown table and checks the issue's targets.
+
+    python benchmarks/stream.py --archs sd21,sd15 --out results/stream_h200.json --budget-s 300 --commit SHA
+    python benchmarks/stream.py --report results/stream_h200.json
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.environment import environment  # noqa: E402
+from benchmarks.latency import Results, diffrt_pipeline  # noqa: E402
+from diffrt.latency import PROMPT  # noqa: E402
+from diffrt.stream import Stream  # noqa: E402
+
+SIZE, FRAMES, WARMUP, DISTINCT = 512, 200, 20, 8
+STEPS = {"sd21": {"img2img": (32,), "txt2img": (0,)}, "sd15": {"img2img": (0, 16, 32, 45), "txt2img": (0, 16, 32, 45)}}
+TARGETS = [  # (arch, what, fps at least, p99 ms at most): the issue's, on the H200
+    ("sd21", "img2img taesd stream-batch none", 200, 15.0),
+    ("sd21", "txt2img taesd stream-batch none", 250, None),
+    ("sd15", "img2img taesd stream-batch none", 80, None),
+    ("sd15", "txt2img taesd stream-batch none", 80, None),
+]
+
+
+def plan(archs: list[str]) -> list[tuple[str, str, str, str, bool, str]]:
+    """(arch, impl, mode, codec, stream batch, guidance), most important first across the architectures (a call cut
+    short by its time box loses ablation rows, not headline ones): the headline rows beside StreamDiffusion, then
+    the full VAE and the naive baseline, then the ablations of stream batch and residual CFG."""
+    tiers: list[list[tuple]] = [[], [], []]
+    for arch in archs:
+        n = len(STEPS[arch]["img2img"])
+        for mode in ("img2img", "txt2img"):
+            tiers[0] += [(arch, impl, mode, "taesd", True, "none") for impl in ("diffrt stream", "streamdiffusion")]
+            tiers[1] += [(arch, impl, mode, "vae", True, "none") for impl in ("diffrt stream", "streamdiffusion")]
+            tiers[1] += [(arch, "diffrt pipeline", mode, codec, False, "none") for codec in ("taesd", "vae")]
+            if n > 1:
+                tiers[2] += [
+                    (arch, impl, mode, "taesd", False, "none") for impl in ("diffrt stream", "streamdiffusion")
+                ]
+            for guidance in ("self", "initialize", "full"):
+                tiers[2] += [
+                    (arch, impl, mode, "taesd", True, guidance) for impl in ("diffrt stream", "streamdiffusion")
+                ]
+    return [row for tier in tiers for row in tier]
+
+
+def what(mode: str, codec: str, stream_batch: bool, guidance: str) -> str:
+    return f"{mode} {codec} {'stream-batch' if stream_batch else 'per-frame'} {guidance}"
+
+
+def host_frames(count: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8) for _ in range(count)]
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+def measure(call, inputs: list[np.ndarray], frames: int = FRAMES, warmup: int = WARMUP) -> dict:
+    """`call(frame)` per frame after warm-up; returns fps over the window and call-latency quantiles. A call may
+    return diffrt's reports, whose frame latencies are collected too."""
+    for i in range(warmup):
+        call(inputs[i % len(inputs)])
+    torch.cuda.synchronize()
+    calls, latencies = [], []
+    start = time.perf_counter()
+    for i in range(frames):
+        t0 = time.perf_counter()
+        reports = call(inputs[i % len(inputs)])
+        calls.append((time.perf_counter() - t0) * 1000)
+        if isinstance(reports, list):
+            latencies += [r.latency_ms for r in reports if r.latency_ms is not None]
+    seconds = time.perf_counter() - start
+    return {"fps": frames / seconds, "median_ms": float(np.median(calls)), "p20_ms": percentile(calls, 20),
+            "p80_ms": percentile(calls, 80), "p99_ms": percentile(calls, 99), "max_ms": max(calls),
+            "frame_latency_p50_ms": percentile(latencies, 50), "frame_latency_p99_ms": percentile(latencies, 99),
+            "frames": frames}  # fmt: skip
+
+
+def graph_replay_ms(stream: Stream, repeats: int = 100) -> float:
+    """The frame graph's replay alone, back to back (CUDA events): the GPU work of one frame."""
+    graph = stream._call.graph
+    for _ in range(3):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def diffrt_stream_row(pipe, arch: str, mode: str, stream_batch: bool, guidance: str, inputs) -> dict:
+    steps = STEPS[arch][mode]
+    t0 = time.perf_counter()
+    stream = Stream(pipe, prompt=PROMPT, height=SIZE, width=SIZE, steps=steps, num_inference_steps=50, mode=mode,
+                    guidance=guidance, guidance_scale=None if guidance == "none" else 1.2,
+                    stream_batch=stream_batch)  # fmt: skip
+    prepare_s = time.perf_counter() - t0
+    call = stream if mode == "img2img" else (lambda _: stream.txt2img())
+    row = measure(call, inputs)
+    unet_batch = {"none": 1, "self": 1, "initialize": 1, "full": 2}[guidance] * (len(steps) if stream_batch else 1)
+    unet_batch += 1 if guidance == "initialize" else 0
+    return {**row, "graph_ms": graph_replay_ms(stream), "prepare_s": prepare_s, "steps": list(steps),
+            "delay_frames": stream.config.delay, "unet_batch": unet_batch}  # fmt: skip
+
+
+def diffrt_pipeline_row(pipe, arch: str, mode: str, inputs) -> dict:
+    """The naive per-frame call: pipe(...) with the same number of UNet steps (img2img: 2n steps at strength 0.5
+    run the last n), host frame in, host array out."""
+    n = len(STEPS[arch][mode])
+
+    def call(frame: np.ndarray):
+        if mode == "img2img":
+            image = torch.from_numpy(frame).permute(2, 0, 1)[None].float() / 255
+            return pipe(PROMPT, image=image, strength=0.5, steps=2 * n, sampler="lcm", guidance_scale=1.0,
+                        output_type="np")  # fmt: skip
+        return pipe(PROMPT, steps=n, sampler="lcm", guidance_scale=1.0, output_type="np", seed=0)
+
+    return {**measure(call, inputs, frames=60, warmup=5), "steps": n}
+
+
+def peer_row(diffusers_pipe, taesd, arch: str, mode: str, stream_batch: bool, guidance: str, inputs) -> dict:
+    from benchmarks.stream_peer import StreamDiffusionPeer
+
+    steps = STEPS[arch][mode]
+    peer = StreamDiffusionPeer(diffusers_pipe, taesd, steps, mode, guidance, stream_batch, SIZE, PROMPT)
+    return {**measure(peer, inputs, frames=100), "steps": list(steps)}
+
+
+def jpeg_rows(res: Results) -> None:
+    """What the server adds per frame on the host: decode the client's JPEG, encode the picture (PIL, quality 85)."""
+    from diffrt.stream.session import decode_frame, encode_jpeg
+
+    y, x = np.mgrid[0:SIZE, 0:SIZE]
+    picture = np.stack([x % 256, y % 256, (x + y) % 256], -1).astype(np.uint8)  # smooth, like a camera frame
+    data = encode_jpeg(picture, 85)
+    for name, fn in [("jpeg decode", lambda: np.asarray(decode_frame(data))), ("jpeg encode",
+                     lambda: encode_jpeg(picture, 85))]:  # fmt: skip
+        times = []
+        for _ in range(50):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1000)
+        res.add(arch="host", impl="PIL", what=name, batch=1, height=SIZE, width=SIZE, median_ms=float(np.median(times)),
+                p99_ms=percentile(times, 99), bytes=len(data))  # fmt: skip
+
+
+class Models:
+    """Each architecture's pipelines (full VAE, TAESD; from the preset's seed, so the same UNet and text encoder
+    weights) and the diffusers copy StreamDiffusion runs on, built on first use and kept for the whole call."""
+
+    def __init__(self) -> None:
+        self._pipes: dict[tuple[str, str], object] = {}
+        self._diffusers: dict[str, object] = {}
+
+    def pipe(self, arch: str, codec: str):
+        if (arch, codec) not in self._pipes:
+            self._pipes[arch, codec] = diffrt_pipeline(arch, codec == "taesd", "cuda-graph", prediction_type="epsilon")
+        return self._pipes[arch, codec]
+
+    def diffusers(self, arch: str):
+        from benchmarks import peers
+
+        if arch not in self._diffusers:
+            self._diffusers[arch] = peers.diffusers_pipeline(self.pipe(arch, "vae"), arch)
+        return self._diffusers[arch]
+
+
+def run(res: Results, archs: list[str], deadline: float, peers_on: bool) -> None:
+    inputs, models = host_frames(DISTINCT), Models()
+    for arch, impl, mode, codec, stream_batch, guidance in plan(archs):
+        name = what(mode, codec, stream_batch, guidance)
+        cell = {"arch": arch, "impl": impl, "batch": 1, "height": SIZE, "width": SIZE}
+        if res.has(**cell, what=name) or (impl == "streamdiffusion" and not peers_on):
+            continue
+        if time.time() > deadline:
+            print(f"budget spent: {arch} {impl} {name} and later rows not measured", flush=True)
+            return
+        try:
+            if impl == "diffrt stream":
+                row = diffrt_stream_row(models.pipe(arch, codec), arch, mode, stream_batch, guidance, inputs)
+            elif impl == "diffrt pipeline":
+                row = diffrt_pipeline_row(models.pipe(arch, codec), arch, mode, inputs)
+            else:
+                taesd = models.pipe(arch, "taesd").components.vae if codec == "taesd" else None
+                row = peer_row(models.diffusers(arch), taesd, arch, mode, stream_batch, guidance, inputs)
+            res.add(**cell, what=name, mode=mode, codec=codec, stream_batch=stream_batch, guidance=guidance, **row)
+        except Exception as e:  # a row that fails is recorded with its error; the others still run
+            res.add(**cell, what=name, median_ms=None, error=f"{type(e).__name__}: {e}"[:500])
+        torch.cuda.empty_cache()
+
+
+def report(path: str) -> None:
+    rows = json.loads(Path(path).read_text())["rows"]
+    by = {(r["arch"], r["impl"], r["what"]): r for r in rows}
+    lines = ["| arch | what | diffrt stream fps (p50 / p99 ms, graph ms) | StreamDiffusion fps (p50 / p99) | ratio | "
+             "naive diffrt pipeline fps |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for arch, _, name in sorted({(r["arch"], 0, r["what"]) for r in rows if r["impl"] == "diffrt stream"}):
+        ours, peer = by.get((arch, "diffrt stream", name)), by.get((arch, "streamdiffusion", name))
+        mode, codec = name.split()[:2]
+        # the naive call runs without guidance: beside the guidance-free rows only
+        naive = by.get((arch, "diffrt pipeline", what(mode, codec, False, "none"))) if name.endswith(" none") else None
+
+        def cell(r: dict | None, graph: bool = False) -> str:
+            if not r or r.get("fps") is None:
+                return r.get("error", "")[:40] if r else ""
+            extra = f", {r['graph_ms']:.2f}" if graph and r.get("graph_ms") else ""
+            return f"{r['fps']:.0f} ({r['median_ms']:.2f} / {r['p99_ms']:.2f}{extra})"
+
+        ratio = f"{ours['fps'] / peer['fps']:.2f}x" if ours and peer and ours.get("fps") and peer.get("fps") else ""
+        naive_fps = f"{naive['fps']:.0f}" if naive and naive.get("fps") else ""
+        lines.append(f"| {arch} | {name} | {cell(ours, True)} | {cell(peer)} | {ratio} | {naive_fps} |")
+    for r in rows:
+        if r["arch"] == "host":
+            lines.append(f"\n{r['what']} {r['height']}²: {r['median_ms']:.2f} ms (p99 {r['p99_ms']:.2f})")
+    lines.append("\nTargets (H200):")
+    for arch, name, fps, p99 in TARGETS:
+        r = by.get((arch, "diffrt stream", name))
+        if not r or r.get("fps") is None:
+            lines.append(f"- {arch} {name}: not measured")
+            continue
+        met = r["fps"] >= fps and (p99 is None or r["p99_ms"] <= p99)
+        bar = f">= {fps} fps" + (f", p99 <= {p99} ms" if p99 else "")
+        lines.append(
+            f"- {arch} {name}: {r['fps']:.0f} fps, p99 {r['p99_ms']:.2f} ms ({bar}): {'met' if met else 'MISSED'}"
+        )
+    env = rows[0] if rows else {}
+    head = f"{env.get('gpu')}, torch {env.get('torch')}, commit {env.get('commit')}, {env.get('date')}\n\n"
+    Path(path).with_suffix(".md").write_text(head + "\n".join(lines) + "\n")
+    print(head + "\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--archs", default="sd21,sd15")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--budget-s", type=float, default=300.0, help="stop starting rows after this many seconds")
+    ap.add_argument("--no-peers", action="store_true", help="skip StreamDiffusion (not installed)")
+    ap.add_argument("--commit", default=None)
+    ap.add_argument("--report", default=None, help="write the table of this JSON and exit")
+    args = ap.parse_args()
+    if args.report:
+        return report(args.report)
+    deadline = time.time() + args.budget_s
+    res = Results(args.out, environment(args.commit))
+    if not res.has(arch="host", impl="PIL", what="jpeg decode", batch=1, height=SIZE, width=SIZE):
+        jpeg_rows(res)
+    run(res, args.archs.split(","), deadline, not args.no_peers)
+    report(args.out)
+
+
+if __name__ == "__main__":
+    main()
