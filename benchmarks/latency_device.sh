@@ -31,11 +31,11 @@ check)
   ;;
 overhead)
   export TRITON_CACHE_DIR=/tmp/diffrt-cache
-  for run in "1 step" "LCM 4 steps"; do
-    stage "overhead_${run// /_}" 150 python3 benchmarks/overhead.py --arch sd21 --size 512 --run "$run" --commit "$C" --trace "$OUT/trace_${run// /_}.json" --out "$OUT/overhead_${run// /_}.json"
-    sed -n '1,60p' "$OUT/overhead_${run// /_}.log"
+  IFS=, read -ra runs <<< "${RUNS:-1 step,LCM 4 steps}"
+  for run in "${runs[@]}"; do
+    stage "overhead_${run// /_}" 150 python3 benchmarks/overhead.py --arch sd21 --size 512 --run "$run" --commit "$C" --out "$OUT/overhead_${run// /_}.json"
+    sed -n '1,40p' "$OUT/overhead_${run// /_}.log"
   done
-  gzip -f "$OUT"/trace_*.json
   stage vae_precision 120 python3 benchmarks/vae_precision.py --archs sdxl,sd21 --sizes 512,1024 --commit "$C" --out "$OUT/vae_precision.json"
   cat "$OUT/vae_precision.log"
   stage gpu_tests 150 python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_cuda_graph.py
