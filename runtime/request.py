@@ -83,11 +83,14 @@ def resolve_request(
     dtype: torch.dtype,
     weights_resident: bool,
     known_to_fit: set | None = None,
+    memory_budget: int | None = None,
 ) -> GenerationRequest:
     """The request with every default filled in; ValueError naming each mistake once if it cannot run.
 
     weights_resident: the model is already on `device` (its weights are no longer part of what must fit).
     known_to_fit: `memory_key`s of requests that already ran here; they skip the estimate (and its device query).
+    memory_budget: bytes to check the estimate against instead of what the device has free right now (a server
+    measures that once, idle, since while a generation runs the free memory says nothing about the next one).
     """
     problems: list[str] = []
 
@@ -106,7 +109,8 @@ def resolve_request(
     steps = request.steps
     if sampler_ok and steps is None:
         steps = SAMPLERS[sampler].default_steps
-    steps_ok = check(_check_positive_int, "steps", steps)
+    # Unset steps with an unknown sampler has no default: the sampler's message says it all.
+    steps_ok = (steps is not None or sampler_ok) and check(_check_positive_int, "steps", steps)
     if sampler_ok and steps_ok:
         steps_ok = check(SAMPLERS[sampler].schedule, spec.scheduler, steps)  # the scheduler's own step limits
     guidance = request.guidance_scale
@@ -143,7 +147,7 @@ def resolve_request(
     if size_ok and prompts_ok and not problems:
         check(_check_shapes, resolved, spec)
     if not problems and request.check_memory and memory_key(resolved, spec) not in (known_to_fit or ()):
-        check(_check_memory, resolved, spec, device, dtype, weights_resident)
+        check(_check_memory, resolved, spec, device, dtype, weights_resident, memory_budget)
     if len(problems) == 1:
         raise ValueError(problems[0])
     if problems:
@@ -284,9 +288,14 @@ def _check_shapes(request: GenerationRequest, spec: ModelSpec) -> None:
 
 
 def _check_memory(
-    request: GenerationRequest, spec: ModelSpec, device: torch.device, dtype: torch.dtype, weights_resident: bool
+    request: GenerationRequest,
+    spec: ModelSpec,
+    device: torch.device,
+    dtype: torch.dtype,
+    weights_resident: bool,
+    budget: int | None = None,
 ) -> None:
-    available = available_bytes(device)
+    available = available_bytes(device) if budget is None else budget
     if available is None:
         return
     weights = 0 if weights_resident else spec.memory.weight_bytes(dtype)
