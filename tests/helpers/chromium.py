@@ -87,10 +87,11 @@ def chromium_page(url: str):
                 raise RuntimeError(f"chromium did not start its DevTools port within {START_TIMEOUT_S} s")
             time.sleep(0.1)
         port = open(port_file).read().split()[0]
-        target = httpx.put(f"http://127.0.0.1:{port}/json/new?{url}", timeout=10).json()
+        target = httpx.put(f"http://127.0.0.1:{port}/json/new?about:blank", timeout=10).json()
         page = Page(target["webSocketDebuggerUrl"])
         page.send("Page.enable")
-        page.wait_for("document.readyState === 'complete'")
+        page.send("Page.navigate", url=url)
+        page.wait_for(f"location.href === {json.dumps(url)} && document.readyState === 'complete'")
         yield page
     finally:
         proc.terminate()
