@@ -93,7 +93,9 @@ def create_app(service: ModelService, *, routers: Sequence[APIRouter] = (), repl
     """The server's app over `service` (started by the caller); `routers` are included as they are."""
     app = FastAPI(title="diffrt", summary="diffusion image generation, OpenAI Images API compatible")
     app.state.service = service
-    app.add_middleware(MetricsAndReplica, service=service, replica_id=replica_id or f"{os.uname().nodename}:{os.getpid()}")
+    app.add_middleware(
+        MetricsAndReplica, service=service, replica_id=replica_id or f"{os.uname().nodename}:{os.getpid()}"
+    )
     auth = [Depends(require_api_key)]
 
     @app.exception_handler(ApiError)

@@ -1,10 +1,10 @@
 """One image request's way through the server: checks, the worker, then the images as JSON or server-sent events.
 
-    1. check (host, before any work): the served model's name, the size, this server's limits, then
-       diffrt.request.resolve_request (every value check and the memory estimate); a problem is a 400
-    2. queue it on the model's worker (a full queue is a 429 with Retry-After)
-    3. wait for it, watching the client: a disconnect cancels it (the worker stops at the next step)
-    4. encode the images (png/jpeg/webp) off the event loop; answer with base64 or a URL
+1. check (host, before any work): the served model's name, the size, this server's limits, then
+   diffrt.request.resolve_request (every value check and the memory estimate); a problem is a 400
+2. queue it on the model's worker (a full queue is a 429 with Retry-After)
+3. wait for it, watching the client: a disconnect cancels it (the worker stops at the next step)
+4. encode the images (png/jpeg/webp) off the event loop; answer with base64 or a URL
 """
 
 import asyncio
