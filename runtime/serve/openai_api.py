@@ -81,8 +81,8 @@ def to_generation_request(body: ImageGenerationRequest, images: list[Image.Image
     stack = np.stack([np.asarray(im.convert("RGB").resize(size, Image.LANCZOS)) for im in images])
     tensor = torch.from_numpy(stack).permute(0, 3, 1, 2).float().div(255).repeat_interleave(body.n, dim=0)
     negative = None if body.negative_prompt is None else [body.negative_prompt] * len(images)
-    return GenerationRequest(prompt=[body.prompt] * len(images), image=tensor, strength=body.strength,
-                             **{**fields, "negative_prompt": negative, "width": size[0], "height": size[1]})  # fmt: skip
+    fields.update(negative_prompt=negative, width=size[0], height=size[1])
+    return GenerationRequest(prompt=[body.prompt] * len(images), image=tensor, strength=body.strength, **fields)
 
 
 def encode_image(image: Image.Image, output_format: str, compression: int | None) -> bytes:

@@ -54,12 +54,16 @@ class Page:
                 raise TimeoutError(f"{expression} was not true within {timeout_s} s")
             time.sleep(0.1)
 
+    def box(self, selector: str) -> list[float]:
+        """[x, y, width, height] of the element on screen."""
+        return self.evaluate(f"(() => {{ const r = document.querySelector({json.dumps(selector)})"
+                             ".getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; })()")  # fmt: skip
+
     def click(self, selector: str) -> None:
         """A real mouse click at the element's centre."""
-        box = self.evaluate(f"(() => {{ const r = document.querySelector({json.dumps(selector)})"
-                            ".getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()")  # fmt: skip
+        x, y, w, h = self.box(selector)
         for kind in ("mousePressed", "mouseReleased"):
-            self.send("Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left", clickCount=1)
+            self.send("Input.dispatchMouseEvent", type=kind, x=x + w / 2, y=y + h / 2, button="left", clickCount=1)
 
     def type_into(self, selector: str, text: str) -> None:
         self.evaluate(f"document.querySelector({json.dumps(selector)}).focus()")
@@ -67,9 +71,8 @@ class Page:
 
     def screenshot(self, selector: str) -> bytes:
         """PNG of the element's box on screen."""
-        r = self.evaluate(f"(() => {{ const r = document.querySelector({json.dumps(selector)})"
-                          ".getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; })()")  # fmt: skip
-        clip = {"x": r[0], "y": r[1], "width": r[2], "height": r[3], "scale": 1}
+        x, y, w, h = self.box(selector)
+        clip = {"x": x, "y": y, "width": w, "height": h, "scale": 1}
         return base64.b64decode(self.send("Page.captureScreenshot", format="png", clip=clip)["data"])
 
 
