@@ -15,6 +15,7 @@ SUBCOMMANDS = (
     "diffrt.loading.info",
     "diffrt.train.cli",
     "diffrt.export.cli",
+    "diffrt.serve.cli",
 )
 
 

@@ -70,4 +70,5 @@ def available_bytes(device: torch.device) -> int | None:
 
 
 def gib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB"
+    """A byte count for messages: MiB below 1 GiB (so that small budgets do not read "0.0 GiB")."""
+    return f"{n / 2**20:.0f} MiB" if n < 2**30 else f"{n / 2**30:.1f} GiB"

@@ -87,12 +87,15 @@ def resolve_request(
     dtype: torch.dtype,
     weights_resident: bool,
     known_to_fit: dict | None = None,
+    memory_budget: int | None = None,
 ) -> GenerationRequest:
     """The request with every default filled in; ValueError naming each mistake once if it cannot run.
 
     weights_resident: the model is already on `device` (its weights are no longer part of what must fit).
     known_to_fit: {memory_key: the vae_tile it resolved to} of requests that already ran here; they skip the
     estimate (and its device query).
+    memory_budget: bytes to check the estimate against instead of what the device has free right now (a server
+    measures that once, idle, since while a generation runs the free memory says nothing about the next one).
     """
     problems: list[str] = []
 
@@ -111,7 +114,8 @@ def resolve_request(
     steps = request.steps
     if sampler_ok and steps is None:
         steps = SAMPLERS[sampler].default_steps
-    steps_ok = check(_check_positive_int, "steps", steps)
+    # Unset steps with an unknown sampler has no default: the sampler's message says it all.
+    steps_ok = (steps is not None or sampler_ok) and check(_check_positive_int, "steps", steps)
     if sampler_ok and steps_ok:
         steps_ok = check(SAMPLERS[sampler].schedule, spec.scheduler, steps)  # the scheduler's own step limits
     guidance = request.guidance_scale
@@ -155,7 +159,8 @@ def resolve_request(
             resolved = replace(resolved, vae_tile=known_to_fit[key])
         else:
             try:
-                resolved = replace(resolved, vae_tile=_fit_memory(resolved, spec, device, dtype, weights_resident))
+                tile = _fit_memory(resolved, spec, device, dtype, weights_resident, memory_budget)
+                resolved = replace(resolved, vae_tile=tile)
             except ValueError as e:
                 problems.append(str(e))
     if len(problems) == 1:
@@ -303,12 +308,18 @@ def _check_vae_tile(tile, scale: int) -> None:
 
 
 def _fit_memory(
-    request: GenerationRequest, spec: ModelSpec, device: torch.device, dtype: torch.dtype, weights_resident: bool
+    request: GenerationRequest,
+    spec: ModelSpec,
+    device: torch.device,
+    dtype: torch.dtype,
+    weights_resident: bool,
+    budget: int | None = None,
 ) -> int | None:
     """The request's decode tile (None: whole) that lets it fit in what `device` has free: the caller's, or where
     it asked for none, whole if that fits, else image by image, else the largest tile that fits. ValueError with the
-    largest size of the same aspect ratio that would fit when nothing does."""
-    available = available_bytes(device)
+    largest size of the same aspect ratio that would fit when nothing does. budget: bytes to fit in instead of
+    what the device has free now."""
+    available = available_bytes(device) if budget is None else budget
     h, w = request.height, request.width
     if request.vae_tile is not None:
         candidates = [request.vae_tile or None]
