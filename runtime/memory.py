@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from diffrt.tiled_decode import MIN_TILE
+
 UNET_WORKING_SET = 16  # tensors of the widest level's size alive at once (q, k, v, GEGLU's 8x-wide projection, ...)
 DECODER_WORKING_SET = 6  # tensors of the decoder's largest resolution alive at once (input, norm, conv, upsample)
 
@@ -31,6 +33,12 @@ class MemoryModel:
         """Peak activation bytes of one generation of `batch` images at height x width pixels, decoded whole."""
         return max(self.unet_bytes(batch, height, width, scale, dtype, cfg),
                    self.decoder_bytes(batch, height, width, scale, dtype))  # fmt: skip
+
+    def least_bytes(self, batch: int, height: int, width: int, scale: int, dtype: torch.dtype, cfg: bool) -> int:
+        """The least peak activation bytes such a generation can run in: its decode in the smallest tiles."""
+        tile_h, tile_w = min(height, MIN_TILE), min(width, MIN_TILE)
+        return max(self.unet_bytes(batch, height, width, scale, dtype, cfg),
+                   self.decoder_bytes(1, tile_h, tile_w, scale, dtype))  # fmt: skip
 
     def unet_bytes(self, batch: int, height: int, width: int, scale: int, dtype: torch.dtype, cfg: bool) -> int:
         """Peak activation bytes of one UNet step: every skip held for the up path, the widest level's working set."""

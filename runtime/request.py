@@ -323,8 +323,8 @@ def _fit_memory(
     h, w = request.height, request.width
     if request.vae_tile is not None:
         candidates = [request.vae_tile or None]
-    else:  # whole, image by image, then ever smaller tiles
-        side = max(h, w)
+    else:  # whole, image by image (a tile as large as the image), then ever smaller tiles
+        side = max(h, w, MIN_TILE)
         candidates = [None, side, *(t for t in (2048, 1536, 1024, 768, 512, MIN_TILE) if t < side)]
     if available is None:
         return candidates[0]

@@ -1,9 +1,10 @@
 """What one request may ask of this server: size, steps and image count, from the model and the device's memory.
 
-The memory part is diffrt.memory's estimate (the one `diffrt generate` refuses an oversized request with), checked
-against a budget measured once when the server starts, idle, with the model loaded: while a generation runs, the
-device's free memory says nothing about whether the next one fits. A request over a limit is refused with 400 and
-the limit before it is queued.
+The memory part is diffrt.memory's estimate (the one `diffrt generate` refuses an oversized request with; the least
+a generation can run in, its decode in the smallest tiles, diffrt.tiled_decode), checked against a budget measured
+once when the server starts, idle, with the model loaded: while a generation runs, the device's free memory says
+nothing about whether the next one fits. A request over a limit is refused with 400 and the limit before it is
+queued.
 """
 
 from dataclasses import asdict, dataclass
@@ -64,7 +65,7 @@ def derive_limits(
     cfg = spec.guidance_embedding_dim is None  # an LCM UNet embeds guidance: never a second batch
 
     def fits(n: int, px: int) -> bool:
-        return memory_budget is None or spec.memory.activation_bytes(n, px, px, scale, dtype, cfg) <= memory_budget
+        return memory_budget is None or spec.memory.least_bytes(n, px, px, scale, dtype, cfg) <= memory_budget
 
     while side > scale and not fits(1, side):
         side -= scale
