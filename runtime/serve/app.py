@@ -152,9 +152,24 @@ def create_app(service: ModelService, *, routers: Sequence[APIRouter] = (), repl
                            f"{service.config.image_ttl_s:g} s)", type="not_found")  # fmt: skip
         return Response(found[0], media_type=found[1], headers={"Cache-Control": "private, max-age=600"})
 
-    for router in routers:
+    for router in (*routers, *_stream_routers(service)):
         app.include_router(router)
     return app
+
+
+def _stream_routers(service: ModelService) -> list[APIRouter]:
+    """The real-time stream at /stream over the served model, square at its default size (a connection's query
+    options set its prompt, strength, guidance and mode; diffrt.stream.session)."""
+    sessions = service.config.stream_sessions
+    if sessions == 0 or service.config.api_key:
+        return []
+    from diffrt.stream import StreamConfig
+    from diffrt.stream.routes import stream_router
+    from diffrt.stream.session import stream_factory
+
+    size = service.pipeline.spec.default_size
+    defaults = StreamConfig(prompt="", height=size, width=size)
+    return [stream_router(stream_factory(service.pipeline, defaults), max_sessions=sessions)]
 
 
 def _first_field(errors: Sequence[dict]) -> str | None:

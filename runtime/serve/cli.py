@@ -32,6 +32,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on CUDA, float32 on CPU")
     p.add_argument("--backend", choices=BACKENDS, default=None, help="default: cuda-graph on a GPU, else torch")
     p.add_argument("--no-warmup", action="store_true", help="ready at once, without one generation first")
+    p.add_argument("--stream-sessions", type=int, default=2, help="real-time stream sessions at /stream at once "
+                   "(0: none; off with --api-key, since a browser's WebSocket cannot send the key)")  # fmt: skip
     p.add_argument("--ray", action="store_true", help="run on a local Ray Serve instance (the `ray` extra)")
     p.add_argument("--replicas", type=int, default=None, help="--ray: replicas (default: one per GPU, else 1)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
@@ -44,12 +46,15 @@ def config_of(args: argparse.Namespace):
     for name in ("max_queue", "max_n", "max_steps", "port"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
+    if args.stream_sessions < 0:
+        raise ValueError(f"--stream-sessions {args.stream_sessions} must be >= 0")
     if args.timeout <= 0:
         raise ValueError(f"--timeout {args.timeout} must be > 0 seconds")
     return ServeConfig(
         model=args.model, device=args.device, dtype=args.dtype, backend=args.backend, max_queue=args.max_queue,
         timeout_s=args.timeout, max_size=args.max_size, max_n=args.max_n, max_steps=args.max_steps,
         api_key=args.api_key or None, image_ttl_s=args.image_ttl, warmup=not args.no_warmup,
+        stream_sessions=0 if args.api_key else args.stream_sessions,
     )  # fmt: skip
 
 

@@ -37,6 +37,9 @@ class ServeConfig:
     image_ttl_s: float = 600.0  # how long a url response's image is served
     image_store_bytes: int = 256 * 2**20
     warmup: bool = True  # one generation at the default size before /ready says yes (builds its CUDA graphs)
+    # Real-time stream sessions at /stream (diffrt.stream.routes) at once; 0: no stream. Off with an api_key: a
+    # browser's WebSocket cannot send the Authorization header.
+    stream_sessions: int = 2
 
 
 def model_name(model: str | None) -> str:
