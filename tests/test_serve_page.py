@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers.chromium import chromium_page, chromium_path
+from tests.helpers.cdp import chromium, chromium_path
 from tests.helpers.serve_process import judge_reads, picture, server_process
 
 PROMPT = "a yellow star above a blue circle, purple background"
@@ -16,21 +16,21 @@ pytestmark = pytest.mark.skipif(chromium_path() is None, reason="needs Debian's 
 
 
 def test_the_page_draws_the_prompt_in_headless_chromium():
-    pytest.importorskip("websocket", reason="the page test needs the test extra (websocket-client)")
-    with server_process(["--api-key", KEY]) as (url, _), chromium_page(url + "/") as page:
-        page.wait_for("document.body.dataset.ready === '1'")  # the options came from /health
+    with server_process(["--api-key", KEY]) as (url, _), chromium(chromium_path()) as browser:
+        page = browser.open_loaded(url + "/")
+        page.wait_for("document.body.dataset.ready === '1'", 30)  # the options came from /health
         assert page.evaluate("document.getElementById('width').value") == "64"
         page.type_into("#prompt", PROMPT)
         page.type_into("#seed", "5")
         page.type_into("#api_key", KEY)
         page.click("#generate")
         page.wait_for("document.getElementById('picture').complete && "
-                      "document.getElementById('picture').naturalWidth === 64", timeout_s=60)  # fmt: skip
+                      "document.getElementById('picture').naturalWidth === 64", 60)  # fmt: skip
         assert page.evaluate("document.getElementById('progress').value") == 4  # 4 LCM steps reported
         assert page.evaluate("document.getElementById('status').textContent").startswith("done: 64x64, seed 5")
         sent = picture(bytes(page.evaluate("fetch(document.getElementById('picture').src).then(r => r.arrayBuffer())"
                                            ".then(b => Array.from(new Uint8Array(b)))")))  # fmt: skip
-        shot = picture(page.screenshot("#picture"))
+        shot = picture(page.screenshot(selector="#picture"))
     assert shot.shape == (256, 256, 3), shot.shape  # shown 4x, unsmoothed
     shown = np.asarray(Image.fromarray(shot).resize((64, 64), Image.BOX))
     assert np.abs(shown.astype(int) - sent.astype(int)).max() <= 2, "the screenshot is not the picture sent"

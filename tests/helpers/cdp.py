@@ -1,5 +1,6 @@
 """Test-only: headless Chromium driven over the Chrome DevTools Protocol, on the `websockets` client the stream
-tests use anyway (no browser download, no driver package): launch, open a page, evaluate, screenshot."""
+tests use anyway (no browser download, no driver package): launch, open a page, evaluate, type, click, screenshot.
+The stream page's and the server page's tests both drive Debian's Chromium through it."""
 
 import base64
 import itertools
@@ -16,7 +17,7 @@ from websockets.sync.client import connect
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--remote-debugging-port=0", "--window-size=1000,700"]  # fmt: skip
+                  "--remote-debugging-port=0", "--window-size=1000,900", "--force-device-scale-factor=1"]  # fmt: skip
 
 
 def chromium_path() -> str | None:
@@ -48,10 +49,31 @@ class Page:
             time.sleep(poll_s)
         raise TimeoutError(f"{expression} stayed {value!r} for {timeout_s} s")
 
-    def screenshot(self, path: str) -> bytes:
-        png = base64.b64decode(self.send("Page.captureScreenshot", format="png")["data"])
-        with open(path, "wb") as f:
-            f.write(png)
+    def box(self, selector: str) -> list[float]:
+        """[x, y, width, height] of the element on screen."""
+        return self.evaluate(f"(() => {{ const r = document.querySelector({json.dumps(selector)})"
+                             ".getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; })()")  # fmt: skip
+
+    def click(self, selector: str) -> None:
+        """A real mouse click at the element's centre."""
+        x, y, w, h = self.box(selector)
+        for kind in ("mousePressed", "mouseReleased"):
+            self.send("Input.dispatchMouseEvent", type=kind, x=x + w / 2, y=y + h / 2, button="left", clickCount=1)
+
+    def type_into(self, selector: str, text: str) -> None:
+        self.evaluate(f"document.querySelector({json.dumps(selector)}).focus()")
+        self.send("Input.insertText", text=text)
+
+    def screenshot(self, path: str | None = None, selector: str | None = None) -> bytes:
+        """PNG of the page (or of one element's box), also written to `path` where given."""
+        options = {}
+        if selector is not None:
+            x, y, w, h = self.box(selector)
+            options["clip"] = {"x": x, "y": y, "width": w, "height": h, "scale": 1}
+        png = base64.b64decode(self.send("Page.captureScreenshot", format="png", **options)["data"])
+        if path is not None:
+            with open(path, "wb") as f:
+                f.write(png)
         return png
 
 
@@ -76,6 +98,12 @@ class Browser:
         target = self.send("Target.createTarget", url=url)["targetId"]
         session = self.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
         return Page(self, session)
+
+    def open_loaded(self, url: str, timeout_s: float = 30) -> Page:
+        """A tab on `url` once it has loaded."""
+        page = self.open(url)
+        page.wait_for(f"location.href === {json.dumps(url)} && document.readyState === 'complete'", timeout_s)
+        return page
 
 
 @contextmanager
