@@ -6,7 +6,8 @@
 #   ../shared/tools/device_wheels.sh fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 h11==0.16.0 \
 #     prometheus-client==0.26.0 python-multipart==0.0.34 httpx==0.28.1 httpcore==1.0.9 anyio==4.16.0 \
 #     sniffio==1.3.1 certifi idna pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
-#     typing-inspection==0.4.5 annotated-doc==0.0.7 typing-extensions==4.16.0
+#     typing-inspection==0.4.5 annotated-doc==0.0.7 typing-extensions==4.16.0 opentelemetry-api==1.45.2
+# (fastapi 0.165 imports opentelemetry; without that wheel the server does not start on the device)
 # Usage:  COMMIT=<sha> bash benchmarks/serve_device.sh [turbo|lcm|all]   (SERVE_S: seconds of load per run)
 set -u
 PHASE=${1:-all}
