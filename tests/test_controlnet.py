@@ -173,7 +173,7 @@ def test_steps_outside_the_guidance_window_run_no_controlnet():
                                                            controlnet_conditioning_scale=[0.5, 2.0])))  # fmt: skip
     assert plan.control.active == ((True, True),) * 4 and plan.control.scales.tolist() == [[0.5, 2.0]] * 4
     assert plan.control.images[0].shape == (2, 3, H, W)  # the output's size by default, doubled under CFG
-    assert plan.bucket[-1] == plan.control.bucket
+    assert plan.control.bucket in plan.bucket  # which ControlNets run at which step fixes the graph
 
 
 def test_single_file_and_diffusers_file_load_the_same_weights(tmp_path):
