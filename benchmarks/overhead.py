@@ -64,28 +64,29 @@ def instrument(pipe, host_ms: dict[str, list[float]]) -> None:
 
 
 def wall_ms(pipe, request: GenerationRequest, repeats: int, keep_prompt: bool = False, generator=None) -> dict:
+    return _timed(pipe, lambda: pipe.generate(request, generator=generator), repeats, keep_prompt)
+
+
+def resolved_only_ms(pipe, request: GenerationRequest, repeats: int) -> dict:
+    """The call without its resolve step: plan + run on a request resolved once beforehand."""
+    resolved = pipe.resolve(request)
+
+    @torch.inference_mode()
+    def call():
+        pipe.backend.run(pipe.plan(resolved), pipe.roles)
+
+    return _timed(pipe, call, repeats)
+
+
+def _timed(pipe, call, repeats: int, keep_prompt: bool = False) -> dict:
+    """Wall-clock quantiles of `call()` to its last GPU work, the prompt cache emptied first unless kept."""
     times = []
     for _ in range(repeats):
         if not keep_prompt:
             pipe.prompt_cache.clear()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        pipe.generate(request, generator=generator)
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1000)
-    return latency.quantiles(times)
-
-
-def resolved_only_ms(pipe, request: GenerationRequest, repeats: int) -> dict:
-    """The call without its resolve step: plan + run on a request resolved once beforehand."""
-    resolved = pipe.resolve(request)
-    times = []
-    for _ in range(repeats):
-        pipe.prompt_cache.clear()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            pipe.backend.run(pipe.plan(resolved), pipe.roles)
+        call()
         torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1000)
     return latency.quantiles(times)

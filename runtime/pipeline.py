@@ -228,7 +228,7 @@ class Pipeline:
         plan = self.plan(request, generator)
         # 3. Run the plan on the device, with no host sync: the sampler loop, then the decode.
         images, latents = self.backend.run(plan, self.roles, callback)
-        self._ran[memory_key(replace(request, vae_tile=asked.vae_tile), self.spec)] = request.vae_tile
+        self._ran[memory_key(request, self.spec, asked.vae_tile)] = request.vae_tile
         # 4. Post-process into the requested output type (the device-to-host copy happens here).
         return GenerationResult(to_output(images, request.output_type), latents, plan.seed)
 

@@ -153,7 +153,7 @@ def resolve_request(
                        **(control or {}))  # fmt: skip
     if size_ok and prompts_ok and not problems:
         check(_check_shapes, resolved, spec)
-    key = memory_key(resolved, spec) if not problems else None
+    key = memory_key(resolved, spec, request.vae_tile) if not problems else None
     if key is not None and request.check_memory:
         if key in (known_to_fit or {}):
             resolved = replace(resolved, vae_tile=known_to_fit[key])
@@ -170,9 +170,10 @@ def resolve_request(
     return resolved
 
 
-def memory_key(request: GenerationRequest, spec: ModelSpec) -> tuple:
-    """What the memory a resolved request needs depends on (its vae_tile as the caller asked for it)."""
-    return (request.images_out, request.height, request.width, uses_cfg(request, spec), request.vae_tile)
+def memory_key(request: GenerationRequest, spec: ModelSpec, asked_tile: int | None) -> tuple:
+    """What the memory a resolved request needs depends on, with the vae_tile its caller asked for (resolving may
+    choose one where none was asked)."""
+    return (request.images_out, request.height, request.width, uses_cfg(request, spec), asked_tile)
 
 
 def uses_cfg(request: GenerationRequest, spec: ModelSpec) -> bool:
