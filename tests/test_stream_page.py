@@ -26,10 +26,13 @@ def test_the_page_streams_its_test_pattern(tmp_path):
     defaults = StreamConfig(prompt=RED_CIRCLE, height=64, width=64, steps=(0, 2), num_inference_steps=4)
     with serve(stream_router(stream_factory(pipe, defaults), max_sessions=1)) as url, chromium(chromium_path()) as b:
         page = b.open(url + "/stream?source=pattern")
-        stats = page.wait_for("(s => s && (s.closed || s.received >= 4 && s.fps > 0 && document.getElementById("
-                              "'result').naturalWidth > 0) && s)(window.streamStats)", 90)  # fmt: skip
-        shown = page.evaluate("[document.getElementById('result').naturalWidth, document.getElementById('fps')"
-                              ".textContent, document.getElementById('source-kind').textContent]")  # fmt: skip
+        # Stats and what is shown read in one evaluation: between frames the picture's src is being replaced, so a
+        # later read can catch it with no image decoded yet.
+        stats, shown = page.wait_for(
+            "((s, img) => s && (s.closed || s.received >= 4 && s.fps > 0 && img.naturalWidth > 0)"
+            " && [s, [img.naturalWidth, document.getElementById('fps').textContent,"
+            " document.getElementById('source-kind').textContent]])"
+            "(window.streamStats, document.getElementById('result'))", 90)  # fmt: skip
         rect = page.evaluate("(r => [r.x, r.y, r.width, r.height])(document.getElementById('result')"
                              ".getBoundingClientRect())")  # fmt: skip
         png = page.screenshot(os.path.join(SCREENSHOT_DIR or tmp_path, "stream_page.png"))
