@@ -6,6 +6,11 @@ random weights, 512x512, fp16 (what they measure does not depend on the values).
   eager call on the new weights (the switch takes effect on the next image). Rows: replay ms without a LoRA / with
   A / with B (fused LoRAs cost nothing per step), and the switch's wall time (unfuse A + fuse B, synchronized)
   against four replayed steps (a 4-step generation's UNet time, a lower bound of one generation).
+- pipeline: the same on a whole fast-path generation (cuda-graph backend, LCM 4 steps): captured once without a LoRA,
+  then A loaded from its file, B loaded at scale 0, switched to B (`set_lora_scales({"a": 0, "b": 1})`), back to A,
+  unloaded; each next image must change, equal bit for bit a pipeline whose graphs were first captured with that LoRA
+  already in, stay within fp16 tolerance of the torch backend with it, and no new graph may be captured; each change's
+  wall time against one generation's.
 - controlnet: one denoiser step under CFG (batch 2: UNet + ControlNet): diffrt eager, diffrt replayed from a CUDA
   graph, diffusers eager, diffusers with torch.compile (both models, default mode), all in this call on the same
   weights; each also without the ControlNet, so the rows show what it adds.
@@ -33,6 +38,7 @@ from diffrt.lora import LoRAWeights, match_lora
 from diffrt.models.controlnet import controlnet_from_unet
 from diffrt.models.unet import UNet2DConditionModel, UNetConfig
 
+PROMPT = "a photo of a cat, highly detailed"
 LORA_TARGETS = (
     "to_q",
     "to_k",
@@ -128,6 +134,61 @@ def lora_rows(unet, x, t, ctx, rank: int, folder: str) -> dict:
     return rows
 
 
+def pipeline_rows(rank: int, size: int, folder: str) -> dict:
+    from diffrt.pipeline import Pipeline
+
+    def pipeline(backend: str, lora: str | None = None) -> Pipeline:  # the same random weights (preset, seed 0)
+        pipe = Pipeline.from_pretrained("sd15", device="cuda", dtype=torch.float16, backend=backend)
+        if lora:
+            pipe.load_lora(lora)
+        return pipe
+
+    pipe = pipeline("cuda-graph")
+    paths = {n: random_kohya_lora(pipe.components.unet, rank, seed, os.path.join(folder, f"pipe_{n}.safetensors"))
+             for seed, n in ((1, "a"), (2, "b"))}  # fmt: skip
+    kw = {"height": size, "width": size, "steps": 4, "sampler": "lcm", "guidance_scale": 1.0, "seed": 0,
+          "output_type": "pt"}  # fmt: skip
+
+    def image() -> torch.Tensor:
+        return pipe(PROMPT, **kw).clone()
+
+    base = image()
+    rows = {"sampler": "lcm", "steps": 4, "size": size, "rank": rank, "generation": time_ms(image, reps=20)}
+    buckets = len(pipe.backend.buckets())
+
+    def timed(change) -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        change()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) * 1e3
+
+    def checked(name: str, wall_ms: float, before: torch.Tensor) -> torch.Tensor:
+        now = image()
+        fresh, eager = pipeline("cuda-graph", paths[name]), pipeline("torch", paths[name])
+        rows[f"to_{name}"] = {
+            "wall_ms": wall_ms,
+            "max_abs_change": (now - before).abs().max().item(),
+            "equals_a_pipeline_captured_with_it": torch.equal(now, fresh(PROMPT, **kw)),
+            "max_abs_vs_torch_backend": (now.float() - eager(PROMPT, **kw).float()).abs().max().item(),
+        }
+        del fresh, eager
+        torch.cuda.empty_cache()
+        return now
+
+    with_a = checked("a", timed(lambda: pipe.load_lora(paths["a"], name="a")), base)
+    rows["load_b_at_scale_0_wall_ms"] = timed(lambda: pipe.load_lora(paths["b"], scale=0.0, name="b"))
+    with_b = checked("b", timed(lambda: pipe.set_lora_scales({"a": 0.0, "b": 1.0})), with_a)
+    rows["back_to_a_wall_ms"] = timed(lambda: pipe.set_lora_scales({"a": 1.0, "b": 0.0}))
+    rows["back_to_a_equals_a"] = torch.equal(image(), with_a)
+    rows["unload_wall_ms"] = timed(pipe.unload_lora)
+    rows["unloaded_equals_the_image_before_any_lora"] = torch.equal(image(), base)
+    rows["b_changed_the_image"] = not torch.equal(with_b, with_a)
+    rows["graphs_captured_after_the_first_image"] = len(pipe.backend.buckets()) - buckets
+    rows["switch_below_one_generation"] = rows["to_b"]["wall_ms"] < rows["generation"]["median_ms"]
+    return rows
+
+
 def controlnet_rows(unet, cfg: UNetConfig, size: int, compile_peer: bool) -> dict:
     from diffusers import ControlNetModel as PeerControlNet
     from diffusers import UNet2DConditionModel as PeerUNet
@@ -195,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--rank", type=int, default=64)
-    ap.add_argument("--only", choices=("lora", "controlnet"), default=None)
+    ap.add_argument("--only", choices=("lora", "pipeline", "controlnet"), default=None)
     ap.add_argument("--no-compile", action="store_true", help="skip diffusers + torch.compile (its compile is slow)")
     ap.add_argument("--commit", default=None)
     ap.add_argument("--json", default="adapters.json")
@@ -215,6 +276,9 @@ def main(argv: list[str] | None = None) -> dict:
         if args.only in (None, "lora"):
             report["lora"] = lora_rows(unet, x, t, ctx, args.rank, folder)
             print(json.dumps(report["lora"], indent=1))
+        if args.only in (None, "pipeline"):
+            report["pipeline"] = pipeline_rows(args.rank, args.size, folder)
+            print(json.dumps(report["pipeline"], indent=1))
     if args.only in (None, "controlnet"):
         report["controlnet"] = controlnet_rows(unet, cfg, args.size, not args.no_compile)
         print(json.dumps(report["controlnet"], indent=1))

@@ -2,10 +2,14 @@
 
 Fusing costs nothing per step: W = W0 + sum_i scale_i * (alpha_i / r_i) * up_i @ down_i is computed in float32 from
 the original W0 and copied into the existing parameter (`copy_`), so the tensor a captured CUDA graph reads stays the
-same one and the next replay uses the new weights. W0 is kept on the CPU for every layer a LoRA touches; when the
-last LoRA on a layer goes, W0 is copied back bit for bit. Every change recomputes from W0 (no drift from adding and
-subtracting). The prompt cache must be cleared by the caller when a text encoder's weights change (the changed
-components are returned).
+same one and the next replay uses the new weights. Every change recomputes from W0 (no drift from adding and
+subtracting); when the last LoRA on a layer goes, W0 is copied back bit for bit. The caller clears the prompt cache
+when a text encoder's weights change (the changed components are returned).
+
+Where the work happens: a LoRA's factors move to the weights' device once, when it is added, in float32. W0 of every
+layer a LoRA touches is kept beside the weights: on a GPU when it has room for it (then a switch is three kernel
+launches per layer, tens of milliseconds for a LoRA on every layer of a UNet, instead of seconds of CPU matmuls and
+host-to-device copies), else pinned on the CPU.
 """
 
 import re
@@ -20,13 +24,14 @@ from diffrt.loading.lora import LoRAFile, LoRALayer, adaptable_modules, ldm_unet
 from diffrt.loading.single_file import CONTEXT_DIM, FAMILY_NAMES
 
 Key = tuple[str, str]  # (component, module name)
+CONTIGUOUS = torch.contiguous_format
 _TEXT_WIDTH = {768: "SD1.x or SDXL's first", 1024: "SD2.x", 1280: "SDXL's second"}
 
 
 @dataclass
 class LoadedLoRA:
     path: str
-    layers: dict[Key, LoRALayer]
+    layers: dict[Key, LoRALayer]  # on the weights' device, float32
     scale: float
 
 
@@ -121,26 +126,35 @@ def _names(items: list[str], limit: int = 6) -> str:
 class LoRAWeights:
     """The LoRAs fused into one set of models (a pipeline's), by name, and the original weights they replaced."""
 
+    ROOM = 1 << 30  # free GPU memory kept beyond the originals when they are kept on the GPU
+
     def __init__(self, models: dict[str, nn.Module]) -> None:
         self.models = models
         self.loaded: dict[str, LoadedLoRA] = {}
-        self.originals: dict[Key, torch.Tensor] = {}  # on the CPU, exactly as they were
+        self.originals: dict[Key, torch.Tensor] = {}  # exactly as they were, on the GPU or pinned on the CPU
+        self._modules: dict[Key, nn.Module] = {}
         self._lock = threading.Lock()
 
     def add(self, name: str, path: str, layers: dict[Key, LoRALayer], scale: float) -> set[str]:
         """Fuse a matched LoRA under `name` (replacing one of that name); returns the components changed."""
         _check_scale(scale)
+        placed = {key: self._placed(key, layer) for key, layer in layers.items()}
         with self._lock:
             old = self.loaded.pop(name, None)
-            self.loaded[name] = LoadedLoRA(path, layers, float(scale))
+            self.loaded[name] = LoadedLoRA(path, placed, float(scale))
             return self._apply(set(layers) | (set(old.layers) if old else set()))
 
-    def set_scale(self, name: str, scale: float) -> set[str]:
-        _check_scale(scale)
+    def set_scales(self, scales: dict[str, float]) -> set[str]:
+        """New scales for loaded LoRAs, applied in one pass over their layers (a scale of 0 leaves a LoRA loaded
+        but out of the weights: {"a": 0, "b": 1} switches from a to b without reading a file)."""
+        for scale in scales.values():
+            _check_scale(scale)
         with self._lock:
-            self._require(name)
-            self.loaded[name].scale = float(scale)
-            return self._apply(set(self.loaded[name].layers))
+            for name in scales:
+                self._require(name)
+            for name, scale in scales.items():
+                self.loaded[name].scale = float(scale)
+            return self._apply({key for name in scales for key in self.loaded[name].layers})
 
     def remove(self, name: str | None = None) -> set[str]:
         """Take one LoRA out (None: all of them); the layers no LoRA touches any more get their original weights."""
@@ -156,26 +170,49 @@ class LoRAWeights:
         if name not in self.loaded:
             raise ValueError(f"no LoRA named {name!r} is loaded; loaded: {', '.join(self.loaded) or 'none'}")
 
+    def _placed(self, key: Key, layer: LoRALayer) -> LoRALayer:
+        """The layer's factors on its weight's device in float32, flattened to matrices, alpha / r folded in."""
+        device = self._module(key).weight.device
+        up = layer.up.to(device, torch.float32).flatten(1) * (layer.alpha / layer.rank)
+        return LoRALayer(layer.down.to(device, torch.float32), up, layer.rank, layer.key)  # alpha / r is now 1
+
     @torch.no_grad()
     def _apply(self, keys: set[Key]) -> set[str]:
+        self._keep_originals([key for key in keys if key not in self.originals])
         for key in keys:
             weight = self._module(key).weight
-            if key not in self.originals:  # pinned when the weight is on a GPU: the copies back are DMA transfers
-                original = weight.detach().to("cpu", copy=True)
-                self.originals[key] = original.pin_memory() if weight.is_cuda else original
-            parts = [(lora.layers[key], lora.scale) for lora in self.loaded.values() if key in lora.layers]
+            parts = [
+                (lora.layers[key], lora.scale) for lora in self.loaded.values() if lora.scale and key in lora.layers
+            ]
             if not parts:
                 weight.copy_(self.originals.pop(key))
                 continue
-            fused = self.originals[key].to(weight.device, torch.float32, copy=True)  # never add into W0 itself
+            # never add into W0 itself; contiguous, so a channels-last conv weight flattens to [out, in * kh * kw]
+            fused = self.originals[key].to(weight.device, torch.float32, copy=True, memory_format=CONTIGUOUS)
+            flat = fused.view(fused.shape[0], -1)
             for layer, scale in parts:
-                fused += scale * layer.delta().to(weight.device)
-            weight.copy_(fused.to(weight.dtype))
+                flat.addmm_(layer.up, layer.down.reshape(layer.rank, -1), alpha=scale)
+            weight.copy_(fused)
         return {component for component, _ in keys}
 
+    def _keep_originals(self, keys: list[Key]) -> None:
+        weights = {key: self._module(key).weight for key in keys}
+        on_gpu, gpu_room = [w for w in weights.values() if w.is_cuda], False
+        if on_gpu:
+            free, _ = torch.cuda.mem_get_info(on_gpu[0].device)
+            gpu_room = sum(w.nbytes for w in on_gpu) + self.ROOM <= free
+        for key, weight in weights.items():
+            if weight.is_cuda and gpu_room:
+                self.originals[key] = weight.detach().clone()
+            else:  # pinned when the weight is on a GPU: the copies back are DMA transfers
+                original = weight.detach().to("cpu", copy=True)
+                self.originals[key] = original.pin_memory() if weight.is_cuda else original
+
     def _module(self, key: Key) -> nn.Module:
-        component, name = key
-        return self.models[component].get_submodule(name)
+        if key not in self._modules:
+            component, name = key
+            self._modules[key] = self.models[component].get_submodule(name)
+        return self._modules[key]
 
 
 def _check_scale(scale) -> None:

@@ -166,7 +166,12 @@ class Pipeline:
 
     def set_lora_scale(self, name: str, scale: float) -> None:
         """Change a loaded LoRA's scale (its layers are fused again from the original weights)."""
-        self._weights_changed(self._require_loras().set_scale(name, scale))
+        self.set_lora_scales({name: scale})
+
+    def set_lora_scales(self, scales: dict[str, float]) -> None:
+        """Change several loaded LoRAs' scales in one pass; {"a": 0.0, "b": 1.0} switches from LoRA a to LoRA b
+        (both loaded once) without reading a file or recapturing a graph; a LoRA at scale 0 costs nothing."""
+        self._weights_changed(self._require_loras().set_scales(scales))
 
     def unload_lora(self, name: str | None = None) -> None:
         """Take a LoRA out (None: all); the weights no LoRA touches any more are the original ones, bit for bit."""

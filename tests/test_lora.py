@@ -132,6 +132,29 @@ def test_switching_loras_changes_the_next_image_and_the_prompt_embeddings():
     assert np.abs(first - base).max() > 1e-2 and np.abs(second - first).max() > 1e-2
 
 
+def test_switching_by_scales_equals_loading_only_that_lora():
+    """Both loaded once; {"a": 0, "b": 1} gives the image of B alone, bit for bit, and back again."""
+    root, _, files, _ = saved("sd1")
+    pipe = diffrt.Pipeline.from_pretrained(root)
+    kw = {"height": H, "width": W, "steps": 2, "sampler": "euler", "output_type": "np", "latents": _latents()}
+    alone = {}
+    for name, path in (("a", files["kohya"][1]), ("b", files["diffusers"][0])):
+        pipe.load_lora(path, name=name)
+        alone[name] = pipe(PROMPT, **kw)
+        pipe.unload_lora()
+    pipe.load_lora(files["kohya"][1], name="a")
+    pipe.load_lora(files["diffusers"][0], name="b")
+    both = pipe(PROMPT, **kw)
+    for scales, expected in (({"a": 0.0, "b": 1.0}, "b"), ({"a": 1.0, "b": 0.0}, "a")):
+        pipe.set_lora_scales(scales)
+        assert pipe.loras == scales
+        np.testing.assert_array_equal(pipe(PROMPT, **kw), alone[expected])
+    assert np.abs(both - alone["a"]).max() > 1e-2 and np.abs(alone["a"] - alone["b"]).max() > 1e-2
+    with pytest.raises(ValueError, match="no LoRA named 'c' is loaded; loaded: a, b"):
+        pipe.set_lora_scales({"a": 1.0, "c": 1.0})
+    assert pipe.loras == {"a": 1.0, "b": 0.0}  # a refused change changes nothing
+
+
 def test_layouts_agree_with_each_other(tmp_path):
     """The same pairs written in each layout fuse to the same weights: the kohya names (diffusers' and LDM's, for SD1
     as A1111-era trainers wrote them, too) resolve to the same modules."""
