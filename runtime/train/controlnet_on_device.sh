@@ -20,7 +20,8 @@ OUT=${OUT:-/tmp/out}; RUN=${RUN:-/tmp/controlnet_run}; PARTS=${PARTS:-.carry}
 mkdir -p "$OUT"
 if ! python3 -c "import diffrt" 2>/dev/null; then
   # pip cannot build an editable install without the network (setuptools), so map the layout by symlinks instead.
-  mkdir -p /tmp/pp && ln -sfn "$PWD/runtime" /tmp/pp/diffrt && ln -sfn "$PWD/kernels" runtime/kernels
+  mkdir -p /tmp/pp && ln -sfn "$PWD/runtime" /tmp/pp/diffrt && ln -sfn "$PWD/kernels" runtime/kernels \
+    && ln -sfn "$PWD/export" runtime/export
   export PYTHONPATH=/tmp/pp:$PWD
 fi
 export PYTHONUNBUFFERED=1
