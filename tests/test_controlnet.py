@@ -276,7 +276,14 @@ def test_cli_flags_give_the_python_api_picture(tmp_path):
     mismatch = ["generate", "-p", PROMPT, "--model", root, "--control-image", str(tmp_path / "control.png"), "-o",
                 str(tmp_path / "x.png")]  # fmt: skip
     assert main(mismatch) == 2 and not (tmp_path / "x.png").exists()
-    if not os.path.isdir(DEFAULT_CONTROLNET):  # the embedded ControlNet is shipped once trained on the device
-        alone = ["generate", "-p", "a large red circle on the left, blue background", "--control-image",
-                 str(tmp_path / "control.png"), "-o", str(tmp_path / "y.png")]  # fmt: skip
-        assert main(alone) == 2
+    # the embedded model with its shipped ControlNet: the shapes land where a fresh mask puts them
+    from diffrt.train.controlnet import EVAL_SEED_START, control_sample, generated_mask, iou
+
+    _, mask, labels = control_sample(EVAL_SEED_START + 7)
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    from diffrt.train import shapes
+
+    alone = ["generate", "-p", shapes.caption(labels), "--control-image", str(tmp_path / "mask.png"), "--seed", "3",
+             "-o", str(tmp_path / "y.png")]  # fmt: skip
+    assert main(alone) == 0 and os.path.isdir(DEFAULT_CONTROLNET)
+    assert iou(generated_mask(np.asarray(Image.open(tmp_path / "y.png")), labels), mask[..., 0] > 127) >= 0.7

@@ -1,6 +1,6 @@
 """The embedded model's ControlNet stage at the "tiny" architecture on CPU: control masks from the dataset's exact
 geometry, the IoU measure, training that resumes bit for bit, the export that diffrt and diffusers load, and the
-evaluation end to end."""
+evaluation end to end; and the ControlNet shipped with the embedded model, on fresh masks."""
 
 import os
 
@@ -96,3 +96,14 @@ def test_evaluation_runs_end_to_end(tmp_path, tiny_model):
     for name in ("controlnet", "none"):
         assert 0.0 <= report[name]["iou_mean"] <= 1.0 and 0.0 <= report[name]["adherence"] <= 1.0
     assert report["grid"].size == (32 * 5, 32 * 3)
+
+
+def test_shipped_controlnet_places_the_shapes_where_the_mask_says():
+    """The shipped file on the CPU (fp32), 40 fresh masks: IoU >= 0.8 on average and well above the bare model's on the
+    same prompts and noise, while the judge still reads the prompts (the device measured 0.912 / 0.532 / 99.4%
+    on 500)."""
+    report = cn.evaluate_controlnet(cn.DEFAULT_MODEL, os.path.join(os.path.dirname(cn.DEFAULT_MODEL),
+                                    "default_controlnet"), count=40, batch=20)  # fmt: skip
+    assert report["controlnet"]["iou_mean"] >= 0.8, report["controlnet"]
+    assert report["controlnet"]["iou_mean"] >= report["none"]["iou_mean"] + 0.2, (report["controlnet"], report["none"])
+    assert report["controlnet"]["adherence"] >= 0.9, report["controlnet"]
