@@ -14,6 +14,10 @@ random weights, 512x512, fp16 (what they measure does not depend on the values).
 - controlnet: one denoiser step under CFG (batch 2: UNet + ControlNet): diffrt eager, diffrt replayed from a CUDA
   graph, diffusers eager, diffusers with torch.compile (both models, default mode), all in this call on the same
   weights; each also without the ControlNet, so the rows show what it adds.
+- controlnet_pipeline: whole generations, prompt to image tensor on the GPU (Euler, CFG 7.5, 4 and 8 steps; a step's
+  cost is their difference over 4): diffrt's fast path (cuda-graph backend) with and without the ControlNet, against
+  diffusers' StableDiffusionControlNetPipeline with torch.compile(mode="reduce-overhead") on the UNet, the ControlNet
+  and the VAE decode (and its StableDiffusionPipeline, compiled the same way, without), on the same weights.
 
     python benchmarks/adapters.py --json adapters.json
 """
@@ -251,12 +255,82 @@ def controlnet_rows(unet, cfg: UNetConfig, size: int, compile_peer: bool) -> dic
     return rows
 
 
+def controlnet_pipeline_rows(size: int, compile_peer: bool) -> dict:
+    import copy
+
+    import diffusers
+
+    from benchmarks.peers import compile_pipeline, diffusers_pipeline
+    from diffrt.images import to_pil
+    from diffrt.pipeline import Pipeline
+
+    plain = Pipeline.from_pretrained("sd15", device="cuda", dtype=torch.float16)
+    controlled = Pipeline.from_pretrained("sd15", device="cuda", dtype=torch.float16)  # the same weights (seed 0)
+    controlnet, config = controlnet_from_unet(copy.deepcopy(plain.components.unet).float().cpu())
+    with torch.no_grad():  # nonzero output convs, so its residuals are real work
+        for p in controlnet.parameters():
+            if not p.any():
+                p.normal_(0, 1e-3)
+    controlled.load_controlnet(controlnet)
+    control = to_pil(torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(4)))[0]  # for both
+    kw = {"height": size, "width": size, "guidance_scale": 7.5, "seed": 0}
+
+    def wall(fn, reps: int = 10) -> float:
+        for _ in range(2):
+            fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return float(torch.tensor(times).median())
+
+    def per_step(name: str, run) -> None:
+        t0 = time.perf_counter()
+        run(4)
+        torch.cuda.synchronize()
+        first_s = time.perf_counter() - t0
+        ms = {steps: wall(lambda steps=steps: run(steps)) for steps in (4, 8)}
+        rows[name] = {"4_steps_ms": ms[4], "8_steps_ms": ms[8], "per_step_ms": (ms[8] - ms[4]) / 4,
+                      "first_call_s": first_s}  # fmt: skip
+
+    rows = {"size": size, "cfg": 7.5, "sampler": "euler"}
+    per_step("diffrt_fast_path", lambda n: controlled(PROMPT, steps=n, sampler="euler", control_image=control,
+                                                      output_type="pt", **kw))  # fmt: skip
+    per_step("diffrt_fast_path_without", lambda n: plain(PROMPT, steps=n, sampler="euler", output_type="pt", **kw))
+    if compile_peer:
+        base = diffusers_pipeline(plain, "sd15")
+        peer_cn = diffusers.ControlNetModel(**{k: v for k, v in config.items() if not k.startswith("_")})
+        peer_cn.load_state_dict({k: v.float() for k, v in controlnet.state_dict().items()})
+        peer = diffusers.StableDiffusionControlNetPipeline(**base.components, controlnet=peer_cn.cuda().half())
+        peer.set_progress_bar_config(disable=True)
+        compile_pipeline(peer)
+        peer.controlnet = torch.compile(peer.controlnet, mode="reduce-overhead", fullgraph=True)
+        peer_kw = {"output_type": "pt", "height": size, "width": size, "guidance_scale": 7.5}
+        base.unet = peer.unet  # compiled once; the VAE (and its compiled decode) is the same object in both
+        with torch.inference_mode():
+            per_step("diffusers_compile", lambda n: peer(PROMPT, image=control, num_inference_steps=n, **peer_kw))
+            per_step("diffusers_compile_without", lambda n: base(PROMPT, num_inference_steps=n, **peer_kw))
+    for name in ("diffrt_fast_path", "diffusers_compile"):
+        if name in rows:
+            rows[f"{name}_controlnet_adds_per_step_ms"] = (
+                rows[name]["per_step_ms"] - rows[f"{name}_without"]["per_step_ms"]
+            )
+    if "diffusers_compile" in rows:
+        rows["per_step_speedup_vs_compile"] = (
+            rows["diffusers_compile"]["per_step_ms"] / rows["diffrt_fast_path"]["per_step_ms"]
+        )
+    return rows
+
+
 @torch.no_grad()  # not inference_mode: tensors made under it cannot be written in place outside it
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--rank", type=int, default=64)
-    ap.add_argument("--only", choices=("lora", "pipeline", "controlnet"), default=None)
+    ap.add_argument("--only", choices=("lora", "pipeline", "controlnet", "controlnet_pipeline"), default=None)
     ap.add_argument("--no-compile", action="store_true", help="skip diffusers + torch.compile (its compile is slow)")
     ap.add_argument("--commit", default=None)
     ap.add_argument("--json", default="adapters.json")
@@ -282,6 +356,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.only in (None, "controlnet"):
         report["controlnet"] = controlnet_rows(unet, cfg, args.size, not args.no_compile)
         print(json.dumps(report["controlnet"], indent=1))
+    if args.only in (None, "controlnet_pipeline"):
+        report["controlnet_pipeline"] = controlnet_pipeline_rows(args.size, not args.no_compile)
+        print(json.dumps(report["controlnet_pipeline"], indent=1))
     with open(args.json, "w") as f:
         json.dump(report, f, indent=2)
     return report

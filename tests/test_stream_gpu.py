@@ -42,6 +42,11 @@ def pictures(stream: diffrt.Stream, inputs) -> list[np.ndarray]:
     return [r.picture.astype(np.float64) / 255 for r in reports]
 
 
+def _levels(a: np.ndarray, b: np.ndarray) -> str:
+    d = np.abs(a - b) * 255
+    return f"max {d.max():.0f}, mean {d.mean():.4f}, share differing {np.mean(d > 0.5):.4f}"
+
+
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("guidance", ["none", "self", "initialize", "full"])
@@ -54,8 +59,13 @@ def test_replayed_frames_match_eager_and_the_fp32_reference(pipes, guidance, str
     replayed = pictures(graph, inputs)
     assert torch.isfinite(graph._noise).all() and (graph._state is None or torch.isfinite(graph._state).all())
     eager = pictures(diffrt.Stream(pipes["kernels"], **kw, cuda_graph=False), inputs)
+    own_eager = pictures(diffrt.Stream(pipes["graph"], **kw, cuda_graph=False), inputs)  # for the printed diagnosis
     reference = pictures(diffrt.Stream(pipes["fp32"], **kw, cuda_graph=False), inputs)
     fp16 = pictures(diffrt.Stream(pipes["fp16"], **kw, cuda_graph=False), inputs)
+    for i, (ours, same_kernels, own) in enumerate(zip(replayed, eager, own_eager, strict=True)):
+        print(f"{guidance} stream_batch={stream_batch} frame {i}, in 8-bit levels: replay vs eager kernels "
+              f"{_levels(ours, same_kernels)}; vs the graph pipeline's modules run eagerly {_levels(ours, own)}; "
+              f"those two eager runs {_levels(same_kernels, own)}")  # fmt: skip
     for ours, same_kernels, ref, torchs in zip(replayed, eager, reference, fp16, strict=True):
         assert np.abs(ours - same_kernels).max() <= 1 / 255 + 1e-9, "the replay is not the eager run of its kernels"
         err, torch_err = np.abs(ours - ref).max(), np.abs(torchs - ref).max()
