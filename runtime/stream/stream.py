@@ -223,11 +223,15 @@ class Stream:
             pinned = {"dtype": torch.uint8, "pin_memory": True}
             self._staging = torch.empty((self.config.height, self.config.width, 3), **pinned)
             self._picture_host = torch.empty((self.config.height, self.config.width, 3), **pinned)
-            self._copied = torch.cuda.Event()
+            self._copied, self._uploaded = torch.cuda.Event(), torch.cuda.Event()
 
     def _upload(self, pixels: "np.ndarray | Tensor") -> None:
-        # Every call ends in a host sync (the picture read, or the filter's), so the last upload has finished and
-        # the pinned staging buffer is free to overwrite.
+        # The pinned staging buffer is free to overwrite only once the previous frame's copy out of it has run. That
+        # copy is queued behind the previous replay, and a call that finishes no frame (the first len(steps) - 1
+        # calls of a stream batch) has no host sync: without this wait the host wrote frame k+1 over frame k before
+        # the GPU had copied it, and frame k was denoised from frame k+1's pixels (seen on the H200).
+        if self._staging is not None:
+            self._uploaded.synchronize()
         target = self._pixels if self._staging is None else self._staging
         if isinstance(pixels, np.ndarray):
             target.numpy()[...] = pixels  # one host copy, also from a read-only array (a decoded image's)
@@ -235,6 +239,7 @@ class Stream:
             target.copy_(pixels)
         if self._staging is not None:
             self._pixels.copy_(self._staging, non_blocking=True)
+            self._uploaded.record()
 
     def _download(self, picture: Tensor) -> np.ndarray:
         if self._picture_host is None:
