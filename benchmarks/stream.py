@@ -247,7 +247,9 @@ def report(path: str) -> None:
             f"- {arch} {name}: {r['fps']:.0f} fps, p99 {r['p99_ms']:.2f} ms ({bar}): {'met' if met else 'MISSED'}"
         )
     env = rows[0] if rows else {}
-    head = f"{env.get('gpu')}, torch {env.get('torch')}, commit {env.get('commit')}, {env.get('date')}\n\n"
+    commits = ", ".join(dict.fromkeys(str(r.get("commit")) for r in rows))  # a resumed file holds several calls
+    dates = sorted(str(r.get("date")) for r in rows) or ["?"]
+    head = f"{env.get('gpu')}, torch {env.get('torch')}, commits {commits}, {dates[0]} to {dates[-1]}\n\n"
     Path(path).with_suffix(".md").write_text(head + "\n".join(lines) + "\n")
     print(head + "\n".join(lines))
 
