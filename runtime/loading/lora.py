@@ -51,11 +51,6 @@ class LoRALayer:
     def rank(self) -> int:
         return self.down.shape[0]
 
-    def delta(self) -> torch.Tensor:
-        """(alpha / r) * up @ down in float32, shaped as the layer's weight."""
-        up, down = self.up.float().flatten(1), self.down.float().flatten(1)
-        return (up @ down).reshape(self.up.shape[0], *self.down.shape[1:]) * (self.alpha / self.rank)
-
 
 @dataclass
 class LoRAFile:
