@@ -41,6 +41,13 @@ overhead)
   stage gpu_tests 150 python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_cuda_graph.py
   grep -E "max abs|passed|failed|Error" "$OUT/gpu_tests.log" | tail -n 12
   ;;
+profile)
+  for preset in ${PRESETS:-sd21 sdxl}; do for size in ${PROFILE_SIZES:-512 1024}; do
+    stage "profile_${preset}_$size" 150 python3 benchmarks/profile_components.py --preset "$preset" --size "$size" \
+      --commit "$C" --json "$OUT/profile_${preset}_$size.json"
+  done; done
+  tar czf "$OUT/profile_logs.tgz" -C "$OUT" $(cd "$OUT" && ls profile_*.log) && rm -f "$OUT"/profile_*.log
+  ;;
 sd21|sdxl|sd15)
   export TRITON_CACHE_DIR=/tmp/diffrt-cache
   if [ "$PHASE" = sd21 ] && [ "${TESTS:-1}" = 1 ]; then
