@@ -7,6 +7,8 @@
 #          the harness for SD2.1 at 512 with every peer (a first ratio)
 #   sd21 / sdxl / sd15: the harness for that architecture at 256..2048, peers at 512 and 1024 (sd21 first runs the
 #   GPU tests unless TESTS=0); LATENCY_S sets the harness's time box, SIZES / PEER_SIZES / PEERS / RUNS its cells
+#   profile: benchmarks/profile_components.py, kernel by kernel against the FLOP and weight-read floors, for PRESETS
+#   (default "sd21 sdxl") at PROFILE_SIZES (default "512 1024"), a JSON each (minutes, a guess)
 # Usage:  COMMIT=<sha> bash benchmarks/latency_device.sh check
 set -u
 PHASE=${1:-check}
