@@ -345,20 +345,20 @@ def main(argv: list[str] | None = None) -> dict:
     x = torch.randn(1, 4, lat, lat, generator=g).cuda().half()
     ctx = torch.randn(1, 77, cfg.cross_attention_dim, generator=g).cuda().half()
     t = torch.tensor(999.0, device="cuda")
-    report = {"environment": {**environment(args.commit), "dtype": "float16", "preset": "sd15", "size": args.size}}
+    env = {**environment(args.commit), "dtype": "float16", "preset": "sd15", "size": args.size}
+    report = {}
     with tempfile.TemporaryDirectory() as folder:
-        if args.only in (None, "lora"):
-            report["lora"] = lora_rows(unet, x, t, ctx, args.rank, folder)
-            print(json.dumps(report["lora"], indent=1))
-        if args.only in (None, "pipeline"):
-            report["pipeline"] = pipeline_rows(args.rank, args.size, folder)
-            print(json.dumps(report["pipeline"], indent=1))
-    if args.only in (None, "controlnet"):
-        report["controlnet"] = controlnet_rows(unet, cfg, args.size, not args.no_compile)
-        print(json.dumps(report["controlnet"], indent=1))
-    if args.only in (None, "controlnet_pipeline"):
-        report["controlnet_pipeline"] = controlnet_pipeline_rows(args.size, not args.no_compile)
-        print(json.dumps(report["controlnet_pipeline"], indent=1))
+        sections = {
+            "lora": lambda: lora_rows(unet, x, t, ctx, args.rank, folder),
+            "pipeline": lambda: pipeline_rows(args.rank, args.size, folder),
+            "controlnet": lambda: controlnet_rows(unet, cfg, args.size, not args.no_compile),
+            "controlnet_pipeline": lambda: controlnet_pipeline_rows(args.size, not args.no_compile),
+        }
+        for name, rows in sections.items():
+            if args.only in (None, name):
+                # each section names its call: a results file may hold sections measured in different calls
+                report[name] = {**rows(), "environment": env}
+                print(json.dumps(report[name], indent=1))
     with open(args.json, "w") as f:
         json.dump(report, f, indent=2)
     return report
