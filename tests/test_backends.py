@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from diffrt.backends import BACKENDS, make_backend
+from diffrt.models import ops as ops_mod
 from diffrt.models.layers import Attention
-from diffrt.models.ops import TORCH_OPS, TRITON_OPS, ops_of, set_ops
+from diffrt.models.ops import TORCH_OPS, TRITON_OPS, attention_torch, attention_wide_heads, ops_of, set_ops
 from diffrt.models.unet import UNet2DConditionModel, UNetConfig
+from diffrt.models.vae import AutoencoderKL, AutoencoderKLConfig
 from tests.helpers.parity import max_rel_error
 
 pytest.importorskip("triton")
@@ -36,6 +38,45 @@ def test_unet_group_norms_on_the_kernel_match_torch():
         ours, ref = on_kernels(x, t, ctx), reference(x, t, ctx)
     assert max_rel_error(ours, ref) <= 1e-4
     assert not torch.equal(ours, ref), "the kernels did not run (bit-identical to torch's GroupNorm)"
+
+
+@pytest.mark.parametrize("preset", ["tiny-sd15", "tiny-sd21"])
+def test_channels_last_unet_on_the_kernels_matches_torch(preset):
+    """In channels-last the epilogue kernels run too: the convolutions' biases folded into GroupNorm's shift and the
+    residual adds (bias_add), GEGLU's gate, nearest upsampling; SD1.5's 1x1-conv projections, SD2.1's linear ones."""
+    torch.manual_seed(0)
+    reference = UNet2DConditionModel(UNetConfig.preset(preset)).eval().to(memory_format=torch.channels_last)
+    on_kernels = set_ops(copy.deepcopy(reference), TRITON_OPS)
+    x, t, ctx = _unet_inputs(reference.config, 2, 8, 12, "cpu", torch.float32)
+    x = x.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ours, ref = on_kernels(x, t, ctx), reference(x, t, ctx)
+    assert max_rel_error(ours, ref) <= 1e-4
+    assert not torch.equal(ours, ref), "the kernels did not run"
+
+
+def test_channels_last_vae_decoder_on_the_kernels_matches_torch():
+    torch.manual_seed(0)
+    reference = AutoencoderKL(AutoencoderKLConfig.preset("tiny")).eval().to(memory_format=torch.channels_last)
+    on_kernels = set_ops(copy.deepcopy(reference), TRITON_OPS)
+    z = torch.randn(1, 4, 3, 4).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ours, ref = on_kernels.decode(z), reference.decode(z)
+    assert max_rel_error(ours, ref) <= 1e-4
+    assert not torch.equal(ours, ref), "the kernels did not run"
+
+
+@pytest.mark.parametrize("score_bytes", [None, 4096], ids=["one_chunk", "query_chunks"])
+def test_wide_head_attention_matches_sdpa(score_bytes, monkeypatch):
+    """The VAE's 512-wide head goes to batched GEMMs with an fp32 softmax, in query chunks when the scores are big."""
+    if score_bytes is not None:
+        monkeypatch.setattr(ops_mod, "WIDE_HEAD_SCORE_BYTES", score_bytes)  # 4 KB: 16 query rows per chunk of 64 keys
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 1, n, 320, generator=g) for n in (70, 64, 64))
+    ours = attention_wide_heads(q.half(), k.half(), v.half()).float()
+    assert ours.shape == (2, 1, 70, 320)
+    ref = attention_torch(q, k, v)
+    assert (ours - ref).abs().max().item() <= 2e-3
 
 
 def test_attention_module_on_the_kernel_matches_torch():
@@ -64,13 +105,15 @@ def test_unknown_backend_is_named():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("preset", ["sd15", "sdxl"])
-def test_real_unet_fp16_on_the_kernels_matches_torch(preset):
+def test_real_unet_fp16_on_the_kernels_matches_torch(preset, layout):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(UNetConfig.preset(preset)).cuda().half().eval()
+    unet = UNet2DConditionModel(UNetConfig.preset(preset)).cuda().half().eval().to(memory_format=layout)
     x, t, ctx = _unet_inputs(unet.config, 2, 64, 64, "cuda", torch.float16)
+    x = x.to(memory_format=layout)
     extra = {}
     if unet.config.addition_embed_type == "text_time":
         extra = {
@@ -82,4 +125,23 @@ def test_real_unet_fp16_on_the_kernels_matches_torch(preset):
         ref16 = set_ops(unet, TORCH_OPS)(x, t, ctx, **extra).float()
         ref32 = unet.float()(x.float(), t, ctx.float(), **{k: v.float() for k, v in extra.items()})
     ours_err, torch_err = max_rel_error(ours, ref32), max_rel_error(ref16, ref32)
+    assert ours_err <= max(2 * torch_err, 1e-3), f"kernels {ours_err:.2e} vs torch fp16 {torch_err:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("latent", [64, 128], ids=["512px", "1024px"])
+def test_real_vae_decoder_fp16_on_the_kernels_matches_torch(latent):
+    """The SD decoder in channels-last fp16 on the kernels (the wide-head attention, upsampling, folded biases)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    torch.manual_seed(0)
+    vae = AutoencoderKL(AutoencoderKLConfig.preset("sd")).cuda().eval().to(memory_format=torch.channels_last)
+    z = torch.randn(1, 4, latent, latent, device="cuda").to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref32 = vae.decode(z)
+        vae.half()
+        ours = set_ops(vae, TRITON_OPS).decode(z.half()).float()
+        ref16 = set_ops(vae, TORCH_OPS).decode(z.half()).float()
+    ours_err, torch_err = max_rel_error(ours, ref32), max_rel_error(ref16, ref32)
+    assert torch.isfinite(ours).all()
     assert ours_err <= max(2 * torch_err, 1e-3), f"kernels {ours_err:.2e} vs torch fp16 {torch_err:.2e}"

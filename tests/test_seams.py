@@ -1,6 +1,7 @@
 """The runtime's seams: backends as objects owned by pipelines, the pipeline talking to role interfaces only, the
 request resolved and checked once, the seed reported, and the caches safe under threads."""
 
+import dataclasses
 import threading
 
 import numpy as np
@@ -30,17 +31,17 @@ def one_intra_op_thread():
 
 
 def spy(ops: Ops, calls: list) -> Ops:
-    """`ops` with every call recorded as (op, thread)."""
+    """`ops` with every call of each op recorded as (op, thread)."""
 
-    def group_norm(*args):
-        calls.append(("group_norm", threading.get_ident()))
-        return ops.group_norm(*args)
+    def recorded(name: str):
+        def call(*args, **kwargs):
+            calls.append((name, threading.get_ident()))
+            return getattr(ops, name)(*args, **kwargs)
 
-    def attention(*args):
-        calls.append(("attention", threading.get_ident()))
-        return ops.attention(*args)
+        return call
 
-    return Ops(f"spy-{ops.name}", group_norm, attention)
+    ops_fields = [f.name for f in dataclasses.fields(Ops) if callable(getattr(ops, f.name))]
+    return dataclasses.replace(ops, name=f"spy-{ops.name}", **{f: recorded(f) for f in ops_fields})
 
 
 def test_two_backends_in_one_process_from_two_threads(one_intra_op_thread):

@@ -1,8 +1,13 @@
 """Building blocks shared by the UNet and the VAE, with diffusers' parameter names.
 
-Two operations dominate a diffusion UNet besides its matrix products: GroupNorm (+SiLU) and attention. The modules
-that run them (`GroupNorm`, `Attention`) call them through their `ops` record (diffrt.models.ops), so a backend can
-put one model instance on fused kernels (`set_ops`) without touching the model code or its state_dict.
+Two operations dominate a diffusion UNet besides its matrix products: GroupNorm (+SiLU) and attention; after them
+come the elementwise passes around the matrix products (a convolution's bias, the residual adds, GEGLU's gate,
+nearest upsampling). The modules that run them call them through their `ops` record (diffrt.models.ops), so a
+backend can put one model instance on fused kernels (`set_ops`) without touching the model code or its state_dict.
+
+Convolutions whose output feeds a GroupNorm or a residual add run without their bias, and the bias is added by
+that next op (`shift` of GroupNorm, `bias_add` with the residual): the same sum, one pass over the activations
+fewer per convolution.
 """
 
 import torch
@@ -13,7 +18,8 @@ from diffrt.models.ops import TORCH_OPS
 
 
 class GroupNorm(nn.GroupNorm):
-    """GroupNorm with an optional SiLU after it, so that a fused kernel can do both in one pass."""
+    """GroupNorm with an optional SiLU after it, so that a fused kernel can do both in one pass; `shift` ([C] or
+    [N, C]) is added to x first (the bias of the convolution before it, the time embedding)."""
 
     ops = TORCH_OPS  # per instance once diffrt.models.ops.set_ops has run
 
@@ -21,12 +27,31 @@ class GroupNorm(nn.GroupNorm):
         super().__init__(num_groups, num_channels, eps=eps, affine=True)
         self.silu = silu
 
+    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+        return self.ops.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.silu, shift)
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d through `ops.conv2d` (on the kernels its bias is one vectorised pass; torch's own bias add on a
+    channels-last output is not); `unbiased` is the convolution alone, for a caller that adds the bias later."""
+
+    ops = TORCH_OPS  # per instance once diffrt.models.ops.set_ops has run
+
+    def unbiased(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight, None, self.stride, self.padding, self.dilation, self.groups)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ops.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.silu)
+        return self.ops.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def _bias_sum(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    return b if a is None else a if b is None else a + b
 
 
 class ResnetBlock2D(nn.Module):
     """GroupNorm-SiLU-conv twice, with an optional timestep embedding added in between (diffusers' ResnetBlock2D)."""
+
+    ops = TORCH_OPS  # per instance once diffrt.models.ops.set_ops has run
 
     def __init__(
         self,
@@ -39,24 +64,31 @@ class ResnetBlock2D(nn.Module):
     ):
         super().__init__()
         self.norm1 = GroupNorm(groups, in_channels, eps, silu=True)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
         self.norm2 = GroupNorm(groups, out_channels, eps, silu=True)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
         self.output_scale_factor = output_scale_factor
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(self.norm1(x))
+        if not self.ops.fold_bias:  # the reference: diffusers' order of operations, rounding for rounding
+            h = self.conv1(self.norm1(x))
+            if self.time_emb_proj is not None:
+                h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+            h = self.conv2(self.norm2(h))
+            x = self.conv_shortcut(x) if self.conv_shortcut is not None else x
+            return (x + h) / self.output_scale_factor if self.output_scale_factor != 1.0 else x + h
+        # conv1's bias and the time embedding are added by norm2, conv2's (and the shortcut's) by the residual add.
+        h = self.conv1.unbiased(self.norm1(x))
+        shift = self.conv1.bias
         if self.time_emb_proj is not None:
-            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(self.norm2(h))
+            shift = _bias_sum(self.time_emb_proj(F.silu(temb)), shift)
+        h = self.conv2.unbiased(self.norm2(h, shift))
+        bias = self.conv2.bias
         if self.conv_shortcut is not None:
-            x = self.conv_shortcut(x)
-        out = x + h
-        if self.output_scale_factor != 1.0:
-            out = out / self.output_scale_factor
-        return out
+            x, bias = self.conv_shortcut.unbiased(x), _bias_sum(bias, self.conv_shortcut.bias)
+        return self.ops.bias_add(h, bias, x, 1.0 / self.output_scale_factor)
 
 
 class Attention(nn.Module):
@@ -108,13 +140,14 @@ class SpatialSelfAttention(Attention):
 class GEGLU(nn.Module):
     """Gated GELU projection, Shazeer 2020 (https://arxiv.org/abs/2002.05202)."""
 
+    ops = TORCH_OPS  # per instance once diffrt.models.ops.set_ops has run
+
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, gate = self.proj(x).chunk(2, dim=-1)
-        return h * F.gelu(gate)
+        return self.ops.geglu(self.proj(x))
 
 
 class FeedForward(nn.Module):
@@ -162,7 +195,7 @@ class Transformer2DModel(nn.Module):
         self.use_linear_projection = use_linear_projection
         self.norm = GroupNorm(groups, channels, eps=1e-6)
         # SD1.x projects with 1x1 convolutions, SD2.x/SDXL with linear layers: same maths, different weight shapes.
-        proj = nn.Linear if use_linear_projection else (lambda i, o: nn.Conv2d(i, o, 1))
+        proj = nn.Linear if use_linear_projection else (lambda i, o: Conv2d(i, o, 1))
         self.proj_in = proj(channels, inner)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth)
@@ -179,10 +212,11 @@ class Transformer2DModel(nn.Module):
         for block in self.transformer_blocks:
             h = block(h, context)
         if self.use_linear_projection:
-            h = self.proj_out(h).transpose(1, 2).reshape(b, c, hgt, wid)
-        else:
-            h = self.proj_out(h.transpose(1, 2).reshape(b, -1, hgt, wid))
-        return x + h
+            return x + self.proj_out(h).transpose(1, 2).reshape(b, c, hgt, wid)
+        h = h.transpose(1, 2).reshape(b, -1, hgt, wid)
+        if not self.proj_out.ops.fold_bias:
+            return x + self.proj_out(h)
+        return self.proj_out.ops.bias_add(self.proj_out.unbiased(h), self.proj_out.bias, x)
 
 
 class Downsample2D(nn.Module):
@@ -191,7 +225,7 @@ class Downsample2D(nn.Module):
     def __init__(self, channels: int, out_channels: int | None = None, padding: int = 1):
         super().__init__()
         self.padding = padding
-        self.conv = nn.Conv2d(channels, out_channels or channels, 3, stride=2, padding=padding)
+        self.conv = Conv2d(channels, out_channels or channels, 3, stride=2, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padding == 0:
@@ -202,13 +236,11 @@ class Downsample2D(nn.Module):
 class Upsample2D(nn.Module):
     """Nearest-neighbour 2x upsampling followed by a 3x3 convolution."""
 
+    ops = TORCH_OPS  # per instance once diffrt.models.ops.set_ops has run
+
     def __init__(self, channels: int, out_channels: int | None = None):
         super().__init__()
-        self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
+        self.conv = Conv2d(channels, out_channels or channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        if size is None:
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        else:
-            x = F.interpolate(x, size=size, mode="nearest")
-        return self.conv(x)
+        return self.conv(self.ops.upsample_nearest(x, size))

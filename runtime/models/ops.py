@@ -1,4 +1,5 @@
-"""Which kernels a model's GroupNorm(+SiLU) and attention call: an `Ops` record held by each module that uses one.
+"""Which kernels a model's GroupNorm(+SiLU), attention and elementwise epilogues (a convolution's bias, GEGLU's gate,
+nearest upsampling) call: an `Ops` record held by each module that uses one.
 
 Kernel selection is per model instance (`set_ops(model, TRITON_OPS)`), never process state, so two models in one
 process (two pipelines, two threads) can run different kernels. Every module starts on `TORCH_OPS`, the reference.
@@ -18,15 +19,57 @@ class Ops:
     """The implementations one model calls; each takes and returns tensors in the layers' own layout."""
 
     name: str
-    group_norm: Callable[..., torch.Tensor]  # (x [N, C, *], num_groups, weight, bias, eps, silu) -> like x
+    # Whether a convolution's bias is added by the op after it (GroupNorm's shift, the residual add) rather than by
+    # the convolution: one pass fewer per convolution, the same sum in a different rounding order than diffusers'.
+    fold_bias: bool
+    # (x [N, C, *], num_groups, weight, bias, eps, silu, shift [C] or [N, C] added to x first, or None) -> like x
+    group_norm: Callable[..., torch.Tensor]
     attention: Callable[..., torch.Tensor]  # (q [B, H, Sq, D], k, v [B, H, Sk, D], any strides) -> [B, H, Sq, D]
+    # (x [N, C, *], bias [C] or None, residual like x or None, scale) -> (x + bias + residual) * scale; it may write
+    # into x, so callers pass a tensor of their own (a convolution's fresh output)
+    bias_add: Callable[..., torch.Tensor]
+    conv2d: Callable[..., torch.Tensor]  # F.conv2d's arguments (x, weight, bias, stride, padding, dilation, groups)
+    geglu: Callable[[torch.Tensor], torch.Tensor]  # [..., 2 * D] -> h * gelu(gate), [..., D]
+    upsample_nearest: Callable[..., torch.Tensor]  # (x [N, C, H, W], size or None for 2x) -> upsampled x
+
+
+def _shifted(x: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+    if shift is None:
+        return x
+    return x + shift.view(shift.shape[0] if shift.dim() == 2 else 1, -1, *[1] * (x.dim() - 2))
 
 
 def group_norm_torch(
-    x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float, silu: bool
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    silu: bool,
+    shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    y = F.group_norm(x, num_groups, weight, bias, eps)
+    y = F.group_norm(_shifted(x, shift), num_groups, weight, bias, eps)
     return F.silu(y) if silu else y
+
+
+def bias_add_torch(
+    x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None, scale: float = 1.0
+) -> torch.Tensor:
+    y = x if bias is None else x + bias.view(-1, *[1] * (x.dim() - 2))
+    if residual is not None:
+        y = residual + y
+    return y if scale == 1.0 else y * scale
+
+
+def geglu_torch(hg: torch.Tensor) -> torch.Tensor:
+    h, gate = hg.chunk(2, dim=-1)
+    return h * F.gelu(gate)
+
+
+def upsample_nearest_torch(x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+    if size is None:
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+    return F.interpolate(x, size=size, mode="nearest")
 
 
 def attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -42,31 +85,120 @@ _ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 256  # the attention kernel's limit
 
 
+_EPILOGUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Query rows per chunk of the wide-head attention are chosen so that one chunk's fp32 scores stay under this.
+WIDE_HEAD_SCORE_BYTES = 256 << 20
+# torch.bmm(..., out_dtype=torch.float32) on half inputs (the aten::bmm.dtype overload, CUDA only) is recent.
+_HALF_BMM_TO_FP32 = hasattr(torch.ops.aten.bmm, "dtype")
+
+
+def _on_kernels(x: torch.Tensor) -> bool:
+    return x.device.type == _KERNEL_DEVICE and x.dtype in _EPILOGUE_DTYPES
+
+
 def group_norm_triton(
-    x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float, silu: bool
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    silu: bool,
+    shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    if x.device.type != _KERNEL_DEVICE:
-        return group_norm_torch(x, num_groups, weight, bias, eps, silu)
+    if not _on_kernels(x) or (shift is not None and shift.dtype != x.dtype):
+        return group_norm_torch(x, num_groups, weight, bias, eps, silu, shift)
     from diffrt.kernels.group_norm import group_norm as kernel  # imported on first use: Triton loads lazily
 
-    return kernel(x, num_groups, weight, bias, eps, silu=silu)
+    # The kernel adds a per-channel residual ([N or 1, C, 1, 1], broadcast by strides) before its statistics.
+    residual = None
+    if shift is not None:
+        residual = shift.view(shift.shape[0] if shift.dim() == 2 else 1, -1, *[1] * (x.dim() - 2))
+        residual = residual.expand(x.shape[0], *residual.shape[1:])
+    return kernel(x, num_groups, weight, bias, eps, silu=silu, residual=residual)
+
+
+def bias_add_triton(
+    x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None, scale: float = 1.0
+) -> torch.Tensor:
+    from diffrt.kernels import bias_add as kernel
+
+    if bias is None or not _on_kernels(x) or bias.dtype != x.dtype or not kernel.supports(x, residual):
+        return bias_add_torch(x, bias, residual, scale)
+    return kernel.bias_add(x, bias, residual, scale, out=x)  # x is a fresh convolution output: add in place
+
+
+def conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *args) -> torch.Tensor:
+    # cuDNN writes a channels-last output for a channels-last input, which the bias kernel reads as rows.
+    if bias is None or not (_on_kernels(x) and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
+        return F.conv2d(x, weight, bias, *args)
+    return bias_add_triton(F.conv2d(x, weight, None, *args), bias)
+
+
+def geglu_triton(hg: torch.Tensor) -> torch.Tensor:
+    if not (_on_kernels(hg) and hg.is_contiguous()):
+        return geglu_torch(hg)
+    from diffrt.kernels.geglu import geglu as kernel
+
+    return kernel(hg)
+
+
+def upsample_nearest_triton(x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+    doubling = size is None or tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1])
+    if not (doubling and _on_kernels(x) and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
+        return upsample_nearest_torch(x, size)
+    from diffrt.kernels.upsample import upsample_nearest2x as kernel
+
+    return kernel(x)
+
+
+def attention_wide_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention for heads too wide for the kernel (the VAE's one 512-wide head): scores by batched matrix product
+    into fp32, softmax in fp32, in query chunks whose scores stay under WIDE_HEAD_SCORE_BYTES.
+
+    torch's SDPA sends a 512-wide head to its memory-efficient kernel, which ran the SD VAE decoder's attention at
+    ~150 TFLOP/s on the H200 (3.8 ms at 1024², benchmarks/NOTES_kernels.md, run 8); cuBLAS's batched GEMMs run it
+    near the tensor cores' rate, and the fp32 score matrix of one chunk is a few hundred MB at most.
+    """
+    b, h, sq, d = q.shape
+    sk = k.shape[2]
+    q3 = (q * d**-0.5).reshape(b * h, sq, d)
+    kt = k.reshape(b * h, sk, d).transpose(1, 2)
+    v3 = v.reshape(b * h, sk, d)
+    rows = max(1, WIDE_HEAD_SCORE_BYTES // (4 * sk * b * h))
+    chunks = []
+    for i in range(0, sq, rows):
+        qi = q3[:, i : i + rows]
+        if q.is_cuda and _HALF_BMM_TO_FP32:  # cuBLAS writes fp32 scores from half inputs: no half rounding
+            scores = torch.bmm(qi, kt, out_dtype=torch.float32)
+        else:
+            scores = torch.bmm(qi, kt).float() if q.is_cuda else torch.bmm(qi.float(), kt.float())
+        chunks.append(torch.bmm(scores.softmax(-1).to(q.dtype), v3))
+    out = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
+    return out.view(b, h, sq, d)
 
 
 def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    if not (q.device.type == _KERNEL_DEVICE and q.dtype in _ATTENTION_DTYPES and q.shape[-1] <= _MAX_HEAD_DIM):
+    if not (q.device.type == _KERNEL_DEVICE and q.dtype in _ATTENTION_DTYPES):
         return attention_torch(q, k, v)
+    if q.shape[-1] > _MAX_HEAD_DIM:
+        return attention_wide_heads(q, k, v)
     from diffrt.kernels.attention import attention as kernel
 
     # The kernel reads [B, S, H, D]; these are views of the same memory, so no copy is made either way.
     return kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
-TORCH_OPS = Ops("torch", group_norm_torch, attention_torch)
-TRITON_OPS = Ops("triton", group_norm_triton, attention_triton)
+TORCH_OPS = Ops(
+    "torch", False, group_norm_torch, attention_torch, bias_add_torch, F.conv2d, geglu_torch, upsample_nearest_torch
+)
+TRITON_OPS = Ops(
+    "triton", True, group_norm_triton, attention_triton, bias_add_triton, conv2d_triton, geglu_triton,
+    upsample_nearest_triton,
+)  # fmt: skip
 
 
 def set_ops(model: nn.Module, ops: Ops) -> nn.Module:
-    """Route every GroupNorm and attention inside `model` (this instance only) through `ops`; returns `model`."""
+    """Route every op of an `Ops` record inside `model` (this instance only) through `ops`; returns `model`."""
     for module in model.modules():
         if isinstance(getattr(module, "ops", None), Ops):
             module.ops = ops

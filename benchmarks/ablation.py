@@ -1,0 +1,125 @@
+"""Issue 11's ablation: the UNet step and the VAE decode as CUDA-graph replays with each optimization of the fast
+path switched off in turn, so each one's share of the time shows, on one pipeline in one process.
+
+Variants (diffrt.models.ops records built from TRITON_OPS with one entry put back on torch's implementation):
+  diffrt                    everything on: the Triton kernels, folded biases, channels-last (the fast path)
+  - folded biases           each convolution adds its bias itself (torch's bias add after cuDNN)
+  - GEGLU kernel            GEGLU's gate as torch's GELU and product
+  - upsample kernel         torch's nearest upsampling
+  - wide-head attention     the VAE's 512-wide head on torch's SDPA (its memory-efficient kernel)
+  - attention kernel        every attention on torch's SDPA (cuDNN / flash / memory-efficient, torch's choice)
+  - GroupNorm kernel        torch's GroupNorm + SiLU
+  - channels-last           the kernels on NCHW tensors
+  torch ops                 TORCH_OPS in NCHW: the graph replay of diffrt's reference modules
+
+    python benchmarks/ablation.py --archs sd21 --sizes 512,1024 --out benchmarks/results/ablation_h200.json
+"""
+
+import argparse
+import dataclasses
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.environment import environment  # noqa: E402
+from benchmarks.latency import Results  # noqa: E402
+from diffrt import latency  # noqa: E402
+from diffrt.models import ops  # noqa: E402
+from diffrt.pipeline import Pipeline  # noqa: E402
+from diffrt.request import GenerationRequest  # noqa: E402
+
+
+def _narrow_heads_only(q, k, v):
+    """The kernels' attention, with wide heads sent back to torch's SDPA."""
+    return ops.attention_torch(q, k, v) if q.shape[-1] > 256 else ops.attention_triton(q, k, v)
+
+
+T = ops.TRITON_OPS
+# name -> (ops, channels_last)
+VARIANTS = {
+    "diffrt": (T, True),
+    "- folded biases": (
+        dataclasses.replace(T, fold_bias=False, conv2d=torch.nn.functional.conv2d, bias_add=ops.bias_add_torch),
+        True,
+    ),
+    "- GEGLU kernel": (dataclasses.replace(T, geglu=ops.geglu_torch), True),
+    "- upsample kernel": (dataclasses.replace(T, upsample_nearest=ops.upsample_nearest_torch), True),
+    "- wide-head attention": (dataclasses.replace(T, attention=_narrow_heads_only), True),
+    "- attention kernel": (dataclasses.replace(T, attention=ops.attention_torch), True),
+    "- GroupNorm kernel": (dataclasses.replace(T, group_norm=ops.group_norm_torch), True),
+    "- channels-last": (T, False),
+    "torch ops": (ops.TORCH_OPS, False),
+}
+
+
+def measure(res: Results, arch: str, sizes: list[int], variants: list[str], deadline: float) -> None:
+    pipe = Pipeline.from_pretrained(arch, device="cuda", dtype=torch.float16, backend="cuda-graph")
+    unet, vae = pipe.components.unet, pipe.components.vae
+    for size in sizes:
+        request = GenerationRequest(latency.PROMPT, height=size, width=size, steps=1, output_type="pt")
+        plan = pipe.plan(pipe.resolve(request))
+        calls = {  # what -> the call timed
+            "unet_step": functools.partial(
+                pipe.roles.denoiser, plan.latents, torch.tensor(999.0, device="cuda"), plan.cond
+            ),  # fmt: skip
+            "decode": functools.partial(pipe.roles.codec.decode, plan.latents),
+        }
+        for name in variants:
+            cell = {"arch": arch, "impl": name, "batch": 1, "height": size, "width": size}
+            if time.time() > deadline:
+                return
+            if res.has(**cell, what="unet_step") and res.has(**cell, what="decode"):
+                continue
+            variant, channels_last = VARIANTS[name]
+            layout = torch.channels_last if channels_last else torch.contiguous_format
+            for module in (unet, vae):
+                ops.set_ops(module, variant).to(memory_format=layout)
+            with torch.inference_mode():
+                for what, call in calls.items():
+                    res.add(**cell, what=what, **latency.graph_replay_ms(call))
+    for module in (unet, vae):  # back to the fast path's own choice
+        ops.set_ops(module, T).to(memory_format=torch.channels_last)
+
+
+def report(path: str) -> None:
+    """A markdown table: per component and size, each variant's time and how much switching it off costs."""
+    rows = json.loads(Path(path).read_text())["rows"]
+    by = {(r["arch"], r["what"], r["height"], r["impl"]): r["median_ms"] for r in rows}
+    lines = ["| arch | component | size | variant | ms | vs all on |", "|---|---|---|---|---|---|"]
+    for arch, what, size in sorted({(r["arch"], r["what"], r["height"]) for r in rows}):
+        base = by.get((arch, what, size, "diffrt"))
+        for name in VARIANTS:
+            ms = by.get((arch, what, size, name))
+            if ms is not None:
+                delta = f"{ms - base:+.3f} ms ({100 * (ms - base) / base:+.1f}%)" if base and name != "diffrt" else ""
+                lines.append(f"| {arch} | {what} | {size}² | {name} | {ms:.3f} | {delta} |")
+    env = rows[0] if rows else {}
+    head = f"{env.get('gpu')}, torch {env.get('torch')}, triton {env.get('triton')}, commit {env.get('commit')}\n\n"
+    Path(path).with_suffix(".md").write_text(head + "\n".join(lines) + "\n")
+    print(Path(path).with_suffix(".md").read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--archs", default="sd21")
+    ap.add_argument("--sizes", default="512,1024")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--budget-s", type=float, default=300.0)
+    ap.add_argument("--commit", default=None)
+    args = ap.parse_args()
+    deadline = time.time() + args.budget_s
+    res = Results(args.out, environment(args.commit))
+    for arch in args.archs.split(","):
+        measure(res, arch, [int(s) for s in args.sizes.split(",")], args.variants.split(","), deadline)
+    report(args.out)
+
+
+if __name__ == "__main__":
+    main()

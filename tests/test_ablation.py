@@ -1,0 +1,46 @@
+"""benchmarks/ablation.py's variants: each switches off what its name says and nothing else (every op it puts back is
+torch's own, the reference the kernels are tested against; tests/test_backends.py holds the kernels' ops to torch's
+inside the tiny models in channels-last)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from benchmarks.ablation import VARIANTS
+from diffrt.models import ops
+
+FIELDS = [f.name for f in dataclasses.fields(ops.Ops) if f.name != "name"]
+# variant -> the Ops fields it changes against TRITON_OPS, and whether it keeps channels-last
+EXPECTED = {
+    "diffrt": ((), True),
+    "- folded biases": (("fold_bias", "bias_add", "conv2d"), True),
+    "- GEGLU kernel": (("geglu",), True),
+    "- upsample kernel": (("upsample_nearest",), True),
+    "- wide-head attention": (("attention",), True),
+    "- attention kernel": (("attention",), True),
+    "- GroupNorm kernel": (("group_norm",), True),
+    "- channels-last": ((), False),
+    "torch ops": (tuple(f for f in FIELDS if getattr(ops.TORCH_OPS, f) != getattr(ops.TRITON_OPS, f)), False),
+}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_each_variant_switches_off_only_what_it_names(name):
+    variant, channels_last = VARIANTS[name]
+    changed = {f for f in FIELDS if getattr(variant, f) != getattr(ops.TRITON_OPS, f)}
+    fields, layout = EXPECTED[name]
+    assert changed == set(fields) and channels_last == layout
+    for f in changed - {"fold_bias", "attention"}:  # the op put back is torch's
+        assert getattr(variant, f) == getattr(ops.TORCH_OPS, f), f"{name}: {f}"
+
+
+def test_the_narrow_heads_variant_sends_only_wide_heads_to_torch(monkeypatch):
+    calls = []
+    monkeypatch.setattr(ops, "attention_torch", lambda q, k, v: calls.append(("torch", q.shape[-1])))
+    monkeypatch.setattr(ops, "attention_triton", lambda q, k, v: calls.append(("kernels", q.shape[-1])))
+    attention = VARIANTS["- wide-head attention"][0].attention
+    for d in (64, 512):
+        q = torch.zeros(1, 1, 4, d)
+        attention(q, q, q)
+    assert calls == [("kernels", 64), ("torch", 512)]
