@@ -62,7 +62,9 @@ def measure(res: Results, arch: str, sizes: list[int], variants: list[str], dead
     pipe = Pipeline.from_pretrained(arch, device="cuda", dtype=torch.float16, backend="cuda-graph")
     unet, vae = pipe.components.unet, pipe.components.vae
     for size in sizes:
-        request = GenerationRequest(latency.PROMPT, height=size, width=size, steps=1, output_type="pt")
+        request = GenerationRequest(
+            latency.PROMPT, height=size, width=size, steps=1, guidance_scale=1.0, output_type="pt"
+        )
         plan = pipe.plan(pipe.resolve(request))
         calls = {  # what -> the call timed
             "unet_step": functools.partial(
