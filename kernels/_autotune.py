@@ -33,10 +33,12 @@ def make_early_prune(prune=None):
     return early_prune
 
 
-def autotune(configs: list, key: list[str], prune=None):
+def autotune(configs: list, key: list[str], prune=None, restore: tuple[str, ...] = ()):
     """triton.autotune over `configs`, keyed (and cached on disk) per `key` values and argument dtypes.
 
     prune(configs, args) gets every kernel argument by name (positional and keyword) and returns the configs to try.
+    `restore` names the arguments a run modifies in place that it also reads: they are restored after each timed
+    run, so the call that autotunes returns the same result as any other.
     """
     if INTERPRET:
         configs = configs[:1]
@@ -46,5 +48,6 @@ def autotune(configs: list, key: list[str], prune=None):
         key=key,
         prune_configs_by={"early_config_prune": make_early_prune(prune)},
         do_bench=_short_bench,
+        restore_value=list(restore),
         **extra,
     )

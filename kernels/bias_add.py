@@ -21,7 +21,8 @@ _CONFIGS = [
 ]
 
 
-@_autotune(_CONFIGS, key=["M", "C", "HAS_RES"])
+# Y may be X (in place): each timed run would add the bias again, so autotuning restores it.
+@_autotune(_CONFIGS, key=["M", "C", "HAS_RES"], restore=("Y",))
 @triton.jit
 def _bias_add_kernel(
     X,  # [M, C] input, rows contiguous (a channels-last activation seen as pixels x channels)
