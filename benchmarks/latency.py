@@ -145,14 +145,16 @@ def measure_peers(res: Results, arch: str, sizes, batches, runs, peers, deadline
 def report(path: str) -> None:
     """A markdown table (diffrt beside its peers, ratios) and a PNG plot of 1-step latency against resolution."""
     rows = json.loads(Path(path).read_text())["rows"]
-    table = {}
+    table, commit = {}, {}
     for r in rows:
         table.setdefault((r["arch"], r["what"], r["batch"], r["height"]), {})[r["impl"]] = r.get("median_ms")
+        commit[(r["arch"], r["what"], r["batch"], r["height"], r["impl"])] = r.get("commit")
     lines = ["| arch | what | batch | size | diffrt ms | diffusers eager ms | diffusers compile ms | vs compile |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for (arch, what, batch, size), by in sorted(table.items()):
         d, e, c = (by.get(i) for i in IMPLS)
-        ratio = f"{c / d:.2f}x" if d and c else ""
+        one_call = commit.get((arch, what, batch, size, IMPLS[0])) == commit.get((arch, what, batch, size, IMPLS[2]))
+        ratio = f"{c / d:.2f}x" if d and c and one_call else ""  # ratios only within one call
         cells = [f"{v:.2f}" if v else "" for v in (d, e, c)]
         lines.append(f"| {arch} | {what} | {batch} | {size}² | {' | '.join(cells)} | {ratio} |")
     lines += [
@@ -165,13 +167,16 @@ def report(path: str) -> None:
     for (arch, what, batch, size), by in sorted(table.items()):
         parts = {w: table.get((arch, w, batch, size), {}).get("diffrt") for w in COMPONENTS}
         steps = {"e2e 1 step": 1, "e2e LCM 4 steps": 4}.get(what)
-        if steps and by.get("diffrt") and all(parts.values()):
+        same_code = len({commit.get((arch, w, batch, size, "diffrt")) for w in (what, *COMPONENTS)}) == 1
+        if steps and by.get("diffrt") and all(parts.values()) and same_code:  # one call's code, not a merge's
             total = parts["text_encoder"] + steps * parts["unet_step"] + parts["decode"]
             over = by["diffrt"] - total
             lines.append(f"| {arch} | {batch} | {size}² | {what[4:]} | {by['diffrt']:.2f} | {total:.2f} | "
                          f"{over:+.2f} ms ({100 * over / total:+.1f}%) |")  # fmt: skip
-    env = rows[0] if rows else {}
-    head = f"{env.get('gpu')}, torch {env.get('torch')}, commit {env.get('commit')}, {env.get('date')}\n\n"
+    env = rows[-1] if rows else {}
+    calls = sorted({(r.get("date", "")[:10], r.get("commit")) for r in rows})  # a file merges several device calls
+    made = "; ".join(f"commit {c} ({d})" for d, c in calls)
+    head = f"{env.get('gpu')}, torch {env.get('torch')}; rows from {made} (each row's own in the JSON)\n\n"
     Path(path).with_suffix(".md").write_text(head + "\n".join(lines) + "\n")
     import matplotlib
 
