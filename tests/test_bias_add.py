@@ -80,12 +80,13 @@ def test_real_shapes(shape, residual):
 
 @pytest.mark.gpu
 @gpu
-def test_in_place_on_the_autotuning_call():
+def test_in_place_on_the_autotuning_call(tmp_path, monkeypatch):
     """The first call of a shape times every config on its arguments: in place, each timed run would add the bias
     again unless autotuning restores the output."""
     from diffrt.kernels.bias_add import _bias_add_kernel
 
-    _bias_add_kernel.cache.clear()  # this process has not tuned any shape: the call below autotunes
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # no tuning result on disk from an earlier run
+    _bias_add_kernel.cache.clear()  # nor in this process: the call below autotunes
     x, b, r = _inputs((1, 72, 11, 13), torch.float16, True, seed=3)
     expected = bias_add_reference(x.float(), b.float(), r.float())
     bias_add(x, b, r, out=x)
