@@ -33,10 +33,9 @@ class Ops:
     upsample_nearest: Callable[..., torch.Tensor]  # (x [N, C, H, W], size or None for 2x) -> upsampled x
 
 
-def _shifted(x: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
-    if shift is None:
-        return x
-    return x + shift.view(shift.shape[0] if shift.dim() == 2 else 1, -1, *[1] * (x.dim() - 2))
+def _per_channel(shift: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A shift of [C] or [N, C] as [1 or N, C, 1, ...]: broadcastable against x [N, C, *]."""
+    return shift.view(shift.shape[0] if shift.dim() == 2 else 1, -1, *[1] * (x.dim() - 2))
 
 
 def group_norm_torch(
@@ -48,7 +47,7 @@ def group_norm_torch(
     silu: bool,
     shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    y = F.group_norm(_shifted(x, shift), num_groups, weight, bias, eps)
+    y = F.group_norm(x if shift is None else x + _per_channel(shift, x), num_groups, weight, bias, eps)
     return F.silu(y) if silu else y
 
 
@@ -112,7 +111,7 @@ def group_norm_triton(
     # The kernel adds a per-channel residual ([N or 1, C, 1, 1], broadcast by strides) before its statistics.
     residual = None
     if shift is not None:
-        residual = shift.view(shift.shape[0] if shift.dim() == 2 else 1, -1, *[1] * (x.dim() - 2))
+        residual = _per_channel(shift, x)
         residual = residual.expand(x.shape[0], *residual.shape[1:])
     return kernel(x, num_groups, weight, bias, eps, silu=silu, residual=residual)
 
