@@ -155,8 +155,8 @@ def attention_wide_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> t
     into fp32, softmax in fp32, in query chunks whose scores stay under WIDE_HEAD_SCORE_BYTES.
 
     torch's SDPA sends a 512-wide head to its memory-efficient kernel, which ran the SD VAE decoder's attention at
-    ~150 TFLOP/s on the H200 (3.8 ms at 1024², benchmarks/NOTES_kernels.md, run 8); cuBLAS's batched GEMMs run it
-    near the tensor cores' rate, and the fp32 score matrix of one chunk is a few hundred MB at most.
+    ~150 TFLOP/s on the H200 (3.8 ms at 1024², benchmarks/NOTES_kernels.md, run 8); this way took 2.2 ms off the
+    1024² decode and 0.16 ms off the 512² one (run 9's ablation), for an fp32 score matrix of at most 256 MB a chunk.
     """
     b, h, sq, d = q.shape
     sk = k.shape[2]
