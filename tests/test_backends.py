@@ -40,14 +40,17 @@ def test_unet_group_norms_on_the_kernel_match_torch():
     assert not torch.equal(ours, ref), "the kernels did not run (bit-identical to torch's GroupNorm)"
 
 
-@pytest.mark.parametrize("preset", ["tiny-sd15", "tiny-sd21"])
-def test_channels_last_unet_on_the_kernels_matches_torch(preset):
+@pytest.mark.parametrize(
+    "preset,h,w", [("tiny-sd15", 8, 12), ("tiny-sd21", 8, 12), ("tiny-sd15", 9, 13)], ids=["sd15", "sd21", "sd15_odd"]
+)
+def test_channels_last_unet_on_the_kernels_matches_torch(preset, h, w):
     """In channels-last the epilogue kernels run too: the convolutions' biases folded into GroupNorm's shift and the
-    residual adds (bias_add), GEGLU's gate, nearest upsampling; SD1.5's 1x1-conv projections, SD2.1's linear ones."""
+    residual adds (bias_add), GEGLU's gate, nearest upsampling; SD1.5's 1x1-conv projections, SD2.1's linear ones.
+    An odd latent size upsamples to its skip's size rather than 2x (torch's interpolation there)."""
     torch.manual_seed(0)
     reference = UNet2DConditionModel(UNetConfig.preset(preset)).eval().to(memory_format=torch.channels_last)
     on_kernels = set_ops(copy.deepcopy(reference), TRITON_OPS)
-    x, t, ctx = _unet_inputs(reference.config, 2, 8, 12, "cpu", torch.float32)
+    x, t, ctx = _unet_inputs(reference.config, 2, h, w, "cpu", torch.float32)
     x = x.to(memory_format=torch.channels_last)
     with torch.no_grad():
         ours, ref = on_kernels(x, t, ctx), reference(x, t, ctx)
