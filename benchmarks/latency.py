@@ -154,7 +154,9 @@ def report(path: str) -> None:
     for (arch, what, batch, size), by in sorted(table.items()):
         d, e, c = (by.get(i) for i in IMPLS)
         one_call = commit.get((arch, what, batch, size, IMPLS[0])) == commit.get((arch, what, batch, size, IMPLS[2]))
-        ratio = f"{c / d:.2f}x" if d and c and one_call else ""  # ratios only within one call
+        # Ratios only between rows of one commit: the harness times diffrt and its peers in one call, and a merged
+        # file holds the calls of several commits.
+        ratio = f"{c / d:.2f}x" if d and c and one_call else ""
         cells = [f"{v:.2f}" if v else "" for v in (d, e, c)]
         lines.append(f"| {arch} | {what} | {batch} | {size}² | {' | '.join(cells)} | {ratio} |")
     lines += [

@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"environment": {**environment(args.commit), **setup, "dtype": str(dtype), "kernels": kernels}}
     for name in args.components.split(","):
         fn, weight_bytes = calls[name]
-        report[name] = profile_call(fn, weight_bytes, args.calls, args.top)
+        report[name] = {**report["environment"], **profile_call(fn, weight_bytes, args.calls, args.top)}
         print_table(name, report[name])
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -24,3 +24,9 @@ def test_unet_flops_double_under_cfg(reports):
     single, doubled = reports[0.0]["unet_step"]["counted_gflop"], reports[7.5]["unet_step"]["counted_gflop"]
     assert doubled == pytest.approx(2 * single, rel=0.01)
     assert reports[7.5]["vae_decode"]["counted_gflop"] == pytest.approx(reports[0.0]["vae_decode"]["counted_gflop"])
+
+
+def test_each_component_names_its_environment(reports):
+    for name in ("text_encoder", "unet_step", "vae_decode"):
+        r = reports[0.0][name]
+        assert {"gpu", "torch", "triton", "commit", "date", "preset", "size"} <= r.keys(), name

@@ -119,9 +119,11 @@ def group_norm_triton(
 def bias_add_triton(
     x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None, scale: float = 1.0
 ) -> torch.Tensor:
+    if bias is None or not _on_kernels(x) or bias.dtype != x.dtype:
+        return bias_add_torch(x, bias, residual, scale)
     from diffrt.kernels import bias_add as kernel
 
-    if bias is None or not _on_kernels(x) or bias.dtype != x.dtype or not kernel.supports(x, residual):
+    if not kernel.supports(x, residual):
         return bias_add_torch(x, bias, residual, scale)
     return kernel.bias_add(x, bias, residual, scale, out=x)  # x is a fresh convolution output: add in place
 
