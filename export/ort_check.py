@@ -90,7 +90,7 @@ def check_session(
     feeds = {name: to_numpy(t) for name, t in inputs.items()}
     outs = session.run([t.name for t in spec.outputs], feeds)
     errors = {
-        t.name: max_rel_error(torch.from_numpy(np.asarray(o, dtype=np.float64)), r.double())
+        t.name: max_rel_error(torch.from_numpy(np.asarray(o, dtype=np.float64)), r.double().cpu())
         for t, o, r in zip(spec.outputs, outs, ref, strict=True)
     }
     worst = max(errors.values())
