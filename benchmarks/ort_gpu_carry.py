@@ -90,9 +90,9 @@ def main() -> None:
     try:
         wheel = args.wheel
         if wheel is None:
+            platform = ["--python-version", "3.12", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64"]
             subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                            "--python-version", "3.12", "--implementation", "cp", "--platform",
-                            "manylinux_2_28_x86_64", "-d", str(tmp), f"onnxruntime-gpu=={VERSION}"], check=True)  # fmt: skip
+                            *platform, "-d", str(tmp), f"onnxruntime-gpu=={VERSION}"], check=True)  # fmt: skip
             wheel = str(next(tmp.glob("onnxruntime_gpu-*.whl")))
         buffer = io.BytesIO()
         with zipfile.ZipFile(wheel) as z, tarfile.open(fileobj=buffer, mode="w") as tar:

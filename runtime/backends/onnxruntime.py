@@ -196,7 +196,7 @@ class OnnxRuntimeBackend:
         def runner(name: str) -> OrtRunner:
             # ORT keeps the text encoders' token-index ops (the end-of-text position for the pooled output) on the
             # CPU, and refuses a CUDA graph for a session not wholly on its CUDA provider (seen on the H200): the
-            # text encoders run IO-bound without one, once per prompt.
+            # text encoders run with IO binding but without one, once per prompt.
             graph = self.cuda_graph and not name.startswith("text_encoder")
             return OrtRunner(model.model_path(name), model.graph(name), device, providers=self.providers,
                              threads=self.threads, cuda_graph=graph, max_graphs=self.max_graphs)  # fmt: skip
