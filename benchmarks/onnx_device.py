@@ -80,7 +80,10 @@ def run_export(args) -> dict:
                   f"export {entry['export_seconds']:.0f} s  worst err {worst:.2e} (tol {tol:g}) on "
                   f"{entry['checked'][0]['providers'][0]}", flush=True)  # fmt: skip
         results[preset] = {"folder": folder, "seconds": round(seconds, 1), "components": rows}
-    return {"environment": {**environment(args.commit), **ort_info()}, "exports": results}
+    env = {**environment(args.commit), **ort_info()}
+    for preset in results.values():  # every row names its GPU, versions and commit, as benchmarks/latency.py's do
+        preset.get("components", {}).update({k: {**env, **row} for k, row in preset.get("components", {}).items()})
+    return {"environment": env, "exports": results}
 
 
 def run_latency(args) -> dict:
@@ -172,6 +175,7 @@ def run_latency(args) -> dict:
                 del runner
     env = {**environment(args.commit), **ort_info(), "timing": "diffrt.latency.end_to_end (e2e rows), CUDA events "
            "after 3 warm-up calls (ORT components), graph replays (the fast path's components)"}  # fmt: skip
+    rows = [{**env, **row} for row in rows]  # every row names its GPU, versions and commit
     return {"environment": env, "preset": args.preset, "size": size, "rows": rows}
 
 
