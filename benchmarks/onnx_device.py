@@ -169,6 +169,7 @@ def run_latency(args) -> dict:
                 try:
                     runner = OrtRunner(path, spec, torch.device("cuda"), cuda_graph=graph)
                 except Exception as e:
+                    print(f"{impl:34s} {what:16s} FAILED {type(e).__name__}: {e}", flush=True)
                     rows.append({"impl": impl, "what": what, "error": f"{type(e).__name__}: {e}"})
                     continue
                 add(impl, what, lambda r=runner, f=feeds: peers.event_times(lambda: r(f), args.repeats * 2))
