@@ -20,14 +20,19 @@
 # A latency or trt stage exports first if its export is not on this machine. Setup, each a device call on ONE warm
 # machine, back to back (see ../shared/tools/*.sh headers; prepare the parts here first by running those scripts):
 #   onnxruntime-gpu: carry [".ortgK"], command `bash .ortgK/put.sh`, K = 1..N   (installs into /tmp/ortgpu)
-#   TensorRT-RTX:    carry [".trt1"],  command `bash .trt1/stage1.sh`; then the stage call itself carries ".trt2" and
-#                    starts with `source .trt2/stage2.sh && ` (installs into /tmp/trtrtx)
+#   TensorRT-RTX:    carry [".trtpK"], command `bash .trtpK/put.sh`, K = 1..N (benchmarks/trt_rtx_parts.py: the shared
+#                    .trt1 is too large beside our tree); then the stage call itself carries ".trt2" and starts with
+#                    `source .trt2/stage2.sh && ` (installs into /tmp/trtrtx)
 #   diffusers:       carry [".whl"] (../shared/tools/device_wheels.sh) in a latency call, for the torch.compile peer
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 ROOT=/tmp/diffrt-exports
 # The presets and sizes (override to try the script on a CPU first: SD21=tiny-sd21 SDXL=tiny-sdxl S21=64 SXL=64).
 SD21=${SD21:-sd21} SDXL=${SDXL:-sdxl} S21=${S21:-512} SXL=${SXL:-1024}
+# The latency stages' runs (diffrt.latency.RUNS names, comma-separated) and whether to try ORT's SD fusions (FUSIONS=0
+# leaves them out: on our graphs they failed, and they cost a minute).
+IFS=, read -ra RUNS <<< "${RUNS:-1 step,25 steps CFG}"
+LAT="--runs ${RUNS[*]@Q} --peers $([ "${FUSIONS:-1}" = 1 ] && echo --fusions)"
 [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl \
   >/dev/null 2>&1
 # pip cannot build an editable install without the network, so map the package layout by symlinks (gpu_checks.sh).
@@ -76,10 +81,10 @@ for s in "$@"; do
     export-sdxl) stage "$s" 560 python3 benchmarks/onnx_device.py export --presets "$SDXL" --root "$ROOT" \
                    --out "$OUT/onnx_export_$SDXL.json" $C ;;
     trt) export -f trt exported stage; export ROOT C OUT SD21; stage trt 560 bash -c trt ;;
-    latency-sd21) exported "$SD21"; stage "$s" 560 python3 benchmarks/onnx_device.py latency --preset "$SD21" \
-                    --size "$S21" --peers --fusions --root "$ROOT" --out "$OUT/ort_latency_${SD21}_$S21.json" $C ;;
-    latency-sdxl) exported "$SDXL"; stage "$s" 560 python3 benchmarks/onnx_device.py latency --preset "$SDXL" \
-                    --size "$SXL" --peers --fusions --root "$ROOT" --out "$OUT/ort_latency_${SDXL}_$SXL.json" $C ;;
+    latency-sd21) exported "$SD21"; eval stage "$s" 560 python3 benchmarks/onnx_device.py latency --preset "$SD21" \
+                    --size "$S21" $LAT --root "$ROOT" --out "$OUT/ort_latency_${SD21}_$S21.json" $C ;;
+    latency-sdxl) exported "$SDXL"; eval stage "$s" 560 python3 benchmarks/onnx_device.py latency --preset "$SDXL" \
+                    --size "$SXL" $LAT --root "$ROOT" --out "$OUT/ort_latency_${SDXL}_$SXL.json" $C ;;
     tests) stage tests 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_onnxruntime_backend.py \
              tests/test_engine_cache.py -rs ;;
     *) echo "unknown stage $s (export-sd21 export-sdxl trt latency-sd21 latency-sdxl tests)"; exit 2 ;;

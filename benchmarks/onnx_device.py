@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.environment import environment
+from diffrt.export.files import write_atomically
 from diffrt.export.ort_check import CheckShape
 
 CHECKS = {"sd21": (CheckShape(1, 512, 512, 77), CheckShape(2, 768, 768, 77)),
@@ -96,7 +97,9 @@ def run_latency(args) -> dict:
     from diffrt.request import GenerationRequest
 
     folder, size = os.path.join(args.root, args.preset), args.size
-    rows = []
+    env = {**environment(args.commit), **ort_info(), "timing": "diffrt.latency.end_to_end (e2e rows), CUDA events "
+           "after 3 warm-up calls (ORT components), graph replays (the fast path's components)"}  # fmt: skip
+    rows = Rows(args.out, {"environment": env, "preset": args.preset, "size": size}, env)
 
     def add(name: str, what: str, measure) -> None:
         try:
@@ -174,10 +177,24 @@ def run_latency(args) -> dict:
                     continue
                 add(impl, what, lambda r=runner, f=feeds: peers.event_times(lambda: r(f), args.repeats * 2))
                 del runner
-    env = {**environment(args.commit), **ort_info(), "timing": "diffrt.latency.end_to_end (e2e rows), CUDA events "
-           "after 3 warm-up calls (ORT components), graph replays (the fast path's components)"}  # fmt: skip
-    rows = [{**env, **row} for row in rows]  # every row names its GPU, versions and commit
-    return {"environment": env, "preset": args.preset, "size": size, "rows": rows}
+    return rows.result()
+
+
+class Rows(list):
+    """The latency rows, each stamped with the environment (GPU, versions, commit), and the JSON rewritten after
+    every row: a call that runs out of time keeps what it measured."""
+
+    def __init__(self, out: str, head: dict, env: dict) -> None:
+        super().__init__()
+        self.out, self.head, self.env = Path(out), head, env
+
+    def append(self, row: dict) -> None:
+        super().append({**self.env, **row})
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(str(self.out), json.dumps(self.result(), indent=1).encode())
+
+    def result(self) -> dict:
+        return {**self.head, "rows": list(self)}
 
 
 def fused_copy(path: str, component: str, out_dir: str) -> str | None:
@@ -219,7 +236,7 @@ def main() -> None:
     args = ap.parse_args()
     result = run_export(args) if args.command == "export" else run_latency(args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    write_atomically(args.out, json.dumps(result, indent=1).encode())
     print(f"wrote {args.out}")
 
 

@@ -13,7 +13,6 @@ sha256, unpacks into /tmp/ortgpu and lists the providers.
 """
 
 import argparse
-import hashlib
 import io
 import lzma
 import shutil
@@ -25,9 +24,17 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.carry_parts import write_parts
+
 VERSION = "1.31.1"
 FATBIN_MAGIC = 0xBA55ED50
-CARRY_LIMIT_MIB = 62  # of the device tool's 64 MiB, with room for what git adds
+INSTALL = (  # what the last part runs once the archive is whole
+    "  mkdir -p /tmp/ortgpu && tar -xJf /tmp/{name} -C /tmp/ortgpu\n"
+    '  PYTHONPATH=/tmp/ortgpu python3 -c "import onnxruntime as o; o.preload_dlls(); '
+    "print('onnxruntime', o.__version__, o.get_available_providers())\""
+)
 
 
 def section(elf: bytes, wanted: str) -> tuple[int, int]:
@@ -68,19 +75,6 @@ def zero_other_arches(elf: bytearray, keep_arch: int) -> dict:
     return {"kept_bytes": kept, "zeroed_bytes": zeroed}
 
 
-def put_script(k: int, n: int, name: str, digest: str) -> str:
-    return f"""set -e; mkdir -p /tmp/ortparts
-have=$(ls /tmp/ortparts 2>/dev/null | wc -l)
-[ "$have" -eq {k - 1} ] || {{ echo "part {k} of {n}: found $have earlier parts, not {k - 1}: the machine was not warm; start again from part 1"; rm -rf /tmp/ortparts; exit 3; }}
-cp .ortg{k}/part* /tmp/ortparts/ && echo "part {k} of {n} placed"
-if [ {k} -eq {n} ]; then
-  cat /tmp/ortparts/part* > /tmp/{name} && echo "{digest}  /tmp/{name}" | sha256sum -c - && rm -rf /tmp/ortparts
-  mkdir -p /tmp/ortgpu && tar -xJf /tmp/{name} -C /tmp/ortgpu
-  PYTHONPATH=/tmp/ortgpu python3 -c "import onnxruntime as o; o.preload_dlls(); print('onnxruntime', o.__version__, o.get_available_providers())"
-fi
-"""  # noqa: E501
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, default=90, help="the SM architecture to keep (90: H100/H200)")
@@ -106,28 +100,7 @@ def main() -> None:
                 tar.addfile(entry, io.BytesIO(bytes(data)))
         packed = lzma.compress(buffer.getvalue(), preset=6)
         name = f"onnxruntime_gpu-{VERSION}-sm{args.arch}.tar.xz"
-        digest = hashlib.sha256(packed).hexdigest()
-        tracked = subprocess.run(["git", "ls-files", "-z"], capture_output=True, check=True).stdout.split(b"\0")
-        tree_mib = sum(Path(p.decode()).stat().st_size for p in tracked if p and Path(p.decode()).is_file()) >> 20
-        part = (CARRY_LIMIT_MIB - tree_mib - 2) << 20
-        if part < 8 << 20:
-            raise SystemExit(f"the tree ({tree_mib} MiB) leaves no room for parts")
-        for old in Path(".").glob(".ortg*"):
-            shutil.rmtree(old)
-        chunks = [packed[i : i + part] for i in range(0, len(packed), part)]
-        exclude = Path(".git/info/exclude")
-        exclude.parent.mkdir(parents=True, exist_ok=True)
-        lines = exclude.read_text().splitlines() if exclude.exists() else []
-        for k, chunk in enumerate(chunks, 1):
-            folder = Path(f".ortg{k}")
-            folder.mkdir()
-            (folder / f"part{k:02d}").write_bytes(chunk)
-            (folder / "put.sh").write_text(put_script(k, len(chunks), name, digest))
-            if f"/{folder}/" not in lines:
-                lines.append(f"/{folder}/")
-        exclude.write_text("\n".join(lines) + "\n")
-        print(f"{len(packed) / 2**20:.0f} MiB in {len(chunks)} parts: make {len(chunks)} device calls back to back, "
-              f'K = 1..{len(chunks)}: carry [".ortgK"], command: bash .ortgK/put.sh')  # fmt: skip
+        write_parts(packed, "ortg", name, finish=INSTALL.format(name=name))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
