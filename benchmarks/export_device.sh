@@ -63,11 +63,13 @@ trt() {  # each build-engine run adds to one JSON, so a time-out keeps what was 
       rm -f "/tmp/trt-$tag-$component.json"
       python3 -m diffrt.cli build-engine "$ROOT/$SD21" --components $component $profile \
         --json "/tmp/trt-$tag-$component.json"
-      python3 - "$merged" "/tmp/trt-$tag-$component.json" "$tag/$component" <<'PY'
+      python3 - "$merged" "/tmp/trt-$tag-$component.json" "$tag/$component" "${COMMIT:-unknown}" <<'PY'
 import json, os, sys
-merged, part, tag = sys.argv[1:]
+from benchmarks.environment import environment
+merged, part, tag, commit = sys.argv[1:]
 m = json.load(open(merged))
-m[tag] = json.load(open(part)) if os.path.exists(part) else {"error": "no result (build failed or timed out)"}
+row = json.load(open(part)) if os.path.exists(part) else {"error": "no result (build failed or timed out)"}
+m[tag] = {**environment(commit), **row}  # every row names its GPU, versions and commit
 json.dump(m, open(merged, "w"), indent=1)
 PY
     done
@@ -80,7 +82,7 @@ for s in "$@"; do
                    --out "$OUT/onnx_export_$SD21.json" $C ;;
     export-sdxl) stage "$s" 560 python3 benchmarks/onnx_device.py export --presets "$SDXL" --root "$ROOT" \
                    --out "$OUT/onnx_export_$SDXL.json" $C ;;
-    trt) export -f trt exported stage; export ROOT C OUT SD21; stage trt 560 bash -c trt ;;
+    trt) export -f trt exported stage; export ROOT C OUT SD21 COMMIT; stage trt 560 bash -c trt ;;
     latency-sd21) exported "$SD21"; eval stage "$s" 560 python3 benchmarks/onnx_device.py latency --preset "$SD21" \
                     --size "$S21" $LAT --root "$ROOT" --out "$OUT/ort_latency_${SD21}_$S21.json" $C ;;
     latency-sdxl) exported "$SDXL"; eval stage "$s" 560 python3 benchmarks/onnx_device.py latency --preset "$SDXL" \
