@@ -19,7 +19,7 @@ stage() { local name=$1 limit=$2; shift 2; local t0=$SECONDS
   echo "== $name rc=$rc $((SECONDS - t0))s: $(tail -n 1 "$OUT/$name.log")"; }
 C=${COMMIT:-unknown}
 S=${STREAM_S:-250}
-stage gpu_tests 100 python3 -m pytest -q -x -m gpu -p no:cacheprovider -s tests/test_stream_gpu.py
+stage gpu_tests 130 python3 -m pytest -q -x -m gpu -p no:cacheprovider -s tests/test_stream_gpu.py
 grep -E "max abs|passed|failed|Error" "$OUT/gpu_tests.log" | tail -n 20
 stage stream "$S" python3 benchmarks/stream.py --archs sd21,sd15 --budget-s $(( S - 40 )) --commit "$C" --out "$OUT/stream_h200.json"
 python3 benchmarks/stream.py --report "$OUT/stream_h200.json" > /dev/null 2>&1

@@ -203,3 +203,55 @@ def test_what_cannot_stream_is_refused(default_pipe, tiny_pipe):
         stream.update(steps=(10, 40))
     with pytest.raises(ValueError, match="raise it to >= 0.05"):
         steps_for_strength(0.01, 3, 50)
+
+
+@pytest.mark.parametrize("guidance", ["none", "self", "initialize", "full"])
+@pytest.mark.parametrize("stream_batch", [True, False])
+def test_frames_per_call_is_a_scheduling_change(tiny_pipe, guidance, stream_batch):
+    """Two frames per graph run (StreamDiffusion's frame_buffer_size): each frame's picture is the one-frame stream's
+    (within one 8-bit level, nearly all identical: only the kernels' blocking changes with the batch), in order,
+    the odd last frame run as a part group by flush; the UNet batch holds every slot's two frames."""
+    inputs = frames(5)
+    options = {"guidance": guidance, "guidance_scale": 2.0, "stream_batch": stream_batch}
+    one = run(tiny_stream(tiny_pipe, **options), inputs)
+    stream = tiny_stream(tiny_pipe, **options, frames_per_call=2)
+    two = run(stream, inputs)
+    assert [r.index for r in two] == [r.index for r in one] == [0, 1, 2, 3, 4]
+    assert all(r.status == DONE and r.picture.shape == (64, 64, 3) for r in two)
+    for x, y in zip(one, two, strict=True):
+        diff = np.abs(x.picture.astype(int) - y.picture.astype(int))
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
+    assert len({r.picture.tobytes() for r in two}) == 5, "distinct frames give distinct pictures"
+    assert stream._state is None or stream._state.shape[0] == 2 * 2  # two slots in flight, two frames each
+
+
+def test_frames_per_call_groups_come_out_after_the_delay(tiny_pipe):
+    """Three steps, two frames per run: frames 0 and 1 enter with the second call, reach the last step two runs
+    later (the sixth call) and come out together; flush runs the rest, part groups included."""
+    stream = tiny_stream(tiny_pipe, frames_per_call=2)
+    per_call = [[r.index for r in stream(f)] for f in frames(7)]
+    assert per_call == [[], [], [], [], [], [0, 1], []]
+    assert stream.frames_in_flight == 5
+    assert [r.index for r in stream.flush()] == [2, 3, 4, 5, 6] and stream.frames_in_flight == 0
+
+
+def test_frames_per_call_txt2img_from_given_starts(tiny_pipe):
+    """txt2img two images per run: from the same start noise, the one-image stream's pictures."""
+    g = torch.Generator().manual_seed(1)
+    starts = [torch.randn(1, 4, 8, 8, generator=g) for _ in range(4)]
+
+    def pictures(f: int) -> list[np.ndarray]:
+        stream = tiny_stream(tiny_pipe, mode="txt2img", steps=(25, 40), frames_per_call=f)
+        return [r.picture.astype(int) for s in starts for r in stream.txt2img(s)] + [
+            r.picture.astype(int) for r in stream.flush()
+        ]
+
+    for a, b in zip(pictures(1), pictures(2), strict=True):
+        assert np.abs(a - b).max() <= 1
+
+
+def test_frames_per_call_is_checked():
+    with pytest.raises(ValueError, match="frames_per_call 0 must be an integer >= 1"):
+        StreamConfig(prompt="x", frames_per_call=0)
+    with pytest.raises(ValueError, match="similarity filter decides frame by frame"):
+        StreamConfig(prompt="x", frames_per_call=2, similarity_threshold=0.98)

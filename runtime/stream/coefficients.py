@@ -70,6 +70,13 @@ class StepCoefficients:
     def __getitem__(self, steps: slice) -> "StepCoefficients":
         return StepCoefficients(**{name: getattr(self, name)[steps] for name in COLUMNS})
 
+    def per_frame(self, frames: int) -> "StepCoefficients":
+        """Each step's entry repeated for the `frames` consecutive frames its slot holds (a device op: in a captured
+        graph it reads the table's current values)."""
+        if frames == 1:
+            return self
+        return StepCoefficients(**{name: getattr(self, name).repeat_interleave(frames, 0) for name in COLUMNS})
+
 
 def coefficient_table(rows: list[list[float]], device: torch.device) -> Tensor:
     """The rows as a float32 device tensor [n, len(COLUMNS)]."""

@@ -35,6 +35,10 @@ class StreamConfig:
     # One UNet batch per frame holding each in-flight frame at its own step: pictures come out len(steps) - 1 frames
     # late (the first frames return none; flush() drains the rest). False: every step of a frame runs in its call.
     stream_batch: bool = True
+    # Frames per graph run (StreamDiffusion's frame_buffer_size): each stream-batch slot holds this many consecutive
+    # frames, so one UNet batch serves them all; a frame's picture waits for the rest of its group (throughput for
+    # latency). 1: every frame runs in its own call.
+    frames_per_call: int = 1
     # Stochastic similarity filter: a frame whose cosine similarity to the last processed frame exceeds this is
     # likely skipped (StreamDiffusion: 0.98; None: off); at most max_skipped frames in a row are skipped.
     similarity_threshold: float | None = None
@@ -58,6 +62,10 @@ class StreamConfig:
         t = self.similarity_threshold
         if t is not None and not 0.0 < t <= 1.0:
             problems.append(f"similarity_threshold {t} must be in (0, 1] (None turns the filter off)")
+        if not (isinstance(self.frames_per_call, int) and self.frames_per_call >= 1):
+            problems.append(f"frames_per_call {self.frames_per_call!r} must be an integer >= 1")
+        elif self.frames_per_call > 1 and t is not None:
+            problems.append("the similarity filter decides frame by frame: use it with frames_per_call=1")
         if self.max_skipped < 0:
             problems.append(f"max_skipped {self.max_skipped} must be >= 0")
         if problems:
@@ -65,7 +73,8 @@ class StreamConfig:
 
     @property
     def delay(self) -> int:
-        """Frames a picture comes out after its input: len(steps) - 1 with stream batch, else 0."""
+        """Graph runs a picture comes out after its frame's: len(steps) - 1 with stream batch, else 0 (in frames:
+        that times frames_per_call, plus the rest of the frame's group)."""
         return len(self.steps) - 1 if self.stream_batch else 0
 
 

@@ -29,10 +29,12 @@ class GuidanceInputs:
 
 
 class StreamDenoiser:
-    """Model output -> LCM consistency step for a batch of slots (slot j holds a frame at step j)."""
+    """Model output -> LCM consistency step for a batch of slots (slot j holds `frames` consecutive frames at step j,
+    one batch entry each, slot after slot)."""
 
-    def __init__(self, denoiser: Denoiser, mode: str, inputs: GuidanceInputs, clip: float | None) -> None:
-        self.denoiser, self.mode, self.inputs, self.clip = denoiser, mode, inputs, clip
+    def __init__(self, denoiser: Denoiser, mode: str, inputs: GuidanceInputs, clip: float | None,
+                 frames: int = 1) -> None:  # fmt: skip
+        self.denoiser, self.mode, self.inputs, self.clip, self.frames = denoiser, mode, inputs, clip, frames
         self.residual = mode in ("self", "initialize")
 
     def _cond(self, embeds: list[tuple[Tensor, int]]) -> Conditioning:
@@ -44,17 +46,18 @@ class StreamDenoiser:
                             timestep_cond=None if cond is None else cond.expand(total, -1))  # fmt: skip
 
     def guided(self, x: Tensor, k: StepCoefficients, stock: Tensor | None, first: bool) -> tuple[Tensor, Tensor | None]:
-        """(guided model output, residual noise) for slots x [m] at steps k. first: slot 0 is a frame's first step
-        ("initialize" evaluates its unconditional output once there and makes it that frame's residual noise)."""
-        m, t, g = x.shape[0], k.timestep, self.inputs.scale
+        """(guided model output, residual noise) for batch entries x [m] at steps k (one entry each). first: slot 0
+        holds frames at their first step ("initialize" evaluates their unconditional output once there and makes it
+        their residual noise)."""
+        m, t, g, f = x.shape[0], k.timestep, self.inputs.scale, self.frames
         cond, uncond = self.inputs.embeds, self.inputs.uncond_embeds
         if self.mode == "full":  # classifier-free guidance, unconditional half first as the pipeline batches it
             out = self.denoiser(torch.cat([x, x]), torch.cat([t, t]), self._cond([(uncond, m), (cond, m)]))
             u, c = out.chunk(2)
             return u + g * (c - u), stock
         if self.mode == "initialize" and first:
-            out = self.denoiser(torch.cat([x[:1], x]), torch.cat([t[:1], t]), self._cond([(uncond, 1), (cond, m)]))
-            stock, c = torch.cat([out[:1], stock[1:]]), out[1:]
+            out = self.denoiser(torch.cat([x[:f], x]), torch.cat([t[:f], t]), self._cond([(uncond, f), (cond, m)]))
+            stock, c = torch.cat([out[:f], stock[f:]]), out[f:]
         else:
             c = self.denoiser(x, t, self._cond([(cond, m)]))
         if not self.residual:
@@ -78,26 +81,29 @@ class StreamDenoiser:
 
     def batched(self, x_new: Tensor, stock_new: Tensor, state: Tensor, stock: Tensor | None, noise: Tensor,
                 k: StepCoefficients) -> Tensor:  # fmt: skip
-        """One stream-batch step: the newest frame at step 0 beside the in-flight ones (`state` [n-1], their residual
-        noise `stock`); writes the advanced state back in place and returns the finished frame's denoised latents."""
-        n = k.timestep.shape[0]
+        """One stream-batch step: the newest frames [F] at step 0 beside the in-flight ones (`state` [(n-1) F], their
+        residual noise `stock`); writes the advanced state back in place and returns the finished frames' denoised
+        latents [F]. k and noise hold one entry per step (slot)."""
+        n, f = k.timestep.shape[0], self.frames
+        rows = k.per_frame(f)
         x = torch.cat([x_new, state]) if n > 1 else x_new
         s = (torch.cat([stock_new, stock]) if n > 1 else stock_new) if self.residual else None
-        guided, s = self.guided(x, k, s, first=True)
-        denoised = self.consistency(x, guided, k)
+        guided, s = self.guided(x, rows, s, first=True)
+        denoised = self.consistency(x, guided, rows)
         if n > 1:
-            head = k[: n - 1]
-            state.copy_(denoised[:-1] * head.next_signal + noise[1:] * head.next_noise)
+            head, noise_next = rows[: (n - 1) * f], noise[1:].repeat_interleave(f, 0)
+            state.copy_(denoised[:-f] * head.next_signal + noise_next * head.next_noise)
             if self.residual:
-                stock.copy_(self.next_residual(guided[:-1], s[:-1], head, noise[1:]))
-        return denoised[-1:].to(x_new.dtype)
+                stock.copy_(self.next_residual(guided[:-f], s[:-f], head, noise_next))
+        return denoised[-f:].to(x_new.dtype)
 
     def per_frame(self, x: Tensor, stock: Tensor, noise: Tensor, k: StepCoefficients) -> Tensor:
-        """Every step of one frame in turn (stream batch off): the same numbers as its slots in `batched`."""
+        """Every step of one group of frames x [F] in turn (stream batch off): the same numbers as their slots in
+        `batched`. k and noise hold one entry per step, shared by the group."""
         n = k.timestep.shape[0]
         s = stock if self.residual else None
         for j in range(n):
-            kj = k[j : j + 1]
+            kj = k[j : j + 1].per_frame(self.frames)
             guided, s = self.guided(x, kj, s, first=j == 0)
             denoised = self.consistency(x, guided, kj)
             if j + 1 < n:

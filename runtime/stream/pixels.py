@@ -1,5 +1,5 @@
 """Frames as the stream takes and gives them: 8-bit RGB [H, W, 3] on the host, converted on the device (inside the
-captured graph) to and from the codec's [1, 3, H, W] in [0, 1]."""
+captured graph) to and from the codec's [F, 3, H, W] in [0, 1], F frames per call."""
 
 import numpy as np
 import torch
@@ -23,10 +23,14 @@ def frame_array(frame: "Image.Image | np.ndarray | Tensor", height: int, width: 
 
 
 def to_unit(pixels: Tensor) -> Tensor:
-    """uint8 [H, W, 3] -> float32 [1, 3, H, W] in [0, 1] (the same values as diffrt.images.image_to_tensor)."""
-    return pixels.permute(2, 0, 1)[None].float() / 255.0
+    """uint8 [F, H, W, 3] -> float32 [F, 3, H, W] in [0, 1] (the same values as diffrt.images.image_to_tensor).
+    One frame gets image_to_tensor's very strides too: the VAE's first convolution chooses its CPU path by them (a
+    batch stride of H*W*3 instead of 3 moved a pixel by one level), and a one-frame stream is the pipeline's call."""
+    if pixels.shape[0] == 1:
+        return pixels[0].permute(2, 0, 1)[None].float() / 255.0
+    return pixels.permute(0, 3, 1, 2).float() / 255.0
 
 
 def to_uint8(images: Tensor) -> Tensor:
-    """[1, 3, H, W] in [0, 1] -> uint8 [H, W, 3], rounded as diffrt.images.to_pil rounds."""
-    return (images[0].float() * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous()
+    """[F, 3, H, W] in [0, 1] -> uint8 [F, H, W, 3], rounded as diffrt.images.to_pil rounds."""
+    return (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()

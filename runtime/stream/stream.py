@@ -43,7 +43,7 @@ class Stream:
         self.pipe, self.config = pipe, config
         self.device, self.dtype = _indexed(pipe.device), pipe.dtype
         self.codec = stream_codec(pipe, vae)
-        spec, n = pipe.spec, len(config.steps)
+        spec, n, f = pipe.spec, len(config.steps), config.frames_per_call
         self._latent_shape = (1, spec.latent_channels, config.height // spec.vae_scale, config.width // spec.vae_scale)
         self._graphed = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         if self._graphed and self.device.type != "cuda":
@@ -67,11 +67,11 @@ class Stream:
             residual = config.guidance in RESIDUAL_GUIDANCE
             self._stock = self._zeros(n - 1) if self._state is not None and residual else None
             if config.mode == "img2img":
-                self._pixels = torch.zeros((config.height, config.width, 3), dtype=torch.uint8, device=self.device)
+                self._pixels = torch.zeros((f, config.height, config.width, 3), dtype=torch.uint8, device=self.device)
             else:
                 self._start = self._zeros(1)
             clip = spec.scheduler.clip_sample_range if spec.scheduler.clip_sample else None
-            self._denoiser = StreamDenoiser(pipe.roles.denoiser, config.guidance, self._inputs, clip)
+            self._denoiser = StreamDenoiser(pipe.roles.denoiser, config.guidance, self._inputs, clip, f)
 
             # 3. The per-frame device work, captured once on a GPU.
             self._call = CapturedCall(self._frame, self.device) if self._graphed else None
@@ -80,7 +80,8 @@ class Stream:
                     buffer.zero_()  # capture ran the function on empty slots; start clean
         self._host_buffers()
         self._order = FrameOrder()
-        self._in_flight: list[_Record | None] = [None] * config.delay  # frames at steps 1..n-1, by slot
+        self._group: list[_Record | None] = []  # the frames given since the last graph run (fewer than f)
+        self._in_flight: list[list[_Record | None] | None] = [None] * config.delay  # groups at steps 1..n-1, by slot
         self._filter = None
         if config.similarity_threshold is not None and config.mode == "img2img":
             self._filter = SimilarityFilter(config.similarity_threshold, config.max_skipped, config.seed)
@@ -94,18 +95,18 @@ class Stream:
         """img2img: one frame (uint8 [H, W, 3] RGB or a PIL image) in; the reports complete now out."""
         if self.config.mode != "img2img":
             raise ValueError("this stream was prepared for txt2img: call stream.txt2img()")
-        self._upload(frame_array(frame, self.config.height, self.config.width))
-        if self._filter is not None and self._last_drawn is not None:
-            similarity = float(cosine_similarity(self._pixels, self._reference))  # the filter's host sync
+        self._upload(frame_array(frame, self.config.height, self.config.width), len(self._group))
+        if self._filter is not None and self._last_drawn is not None:  # (frames_per_call is 1 with the filter)
+            similarity = float(cosine_similarity(self._pixels[0], self._reference))  # the filter's host sync
             if self._filter.skip(similarity):
                 self._order.skip(self._last_drawn)
-                if any(r is not None for r in self._in_flight):
-                    self._advance(None)  # a bubble: the frames ahead keep moving and come out on time
+                if self.frames_in_flight:
+                    self._advance([None])  # a bubble: the frames ahead keep moving and come out on time
                 return self._order.ready()
         self._last_drawn = self._order.admit()
         if self._filter is not None:
-            self._reference.copy_(self._pixels)
-        self._advance(self._last_drawn)
+            self._reference.copy_(self._pixels[0])
+        self._add(self._last_drawn)
         return self._order.ready()
 
     @torch.inference_mode()
@@ -114,19 +115,21 @@ class Stream:
         generator, on the device)."""
         if self.config.mode != "txt2img":
             raise ValueError("this stream was prepared for img2img: call stream(frame)")
+        row = self._start[len(self._group)][None]
         if start is not None:
-            self._start.copy_(start)
+            row.copy_(start)
         else:
-            torch.randn(self._latent_shape, generator=self._generator, device=self.device, dtype=self.dtype,
-                        out=self._start)  # fmt: skip
-        self._advance(self._order.admit())
+            row.copy_(torch.randn(self._latent_shape, generator=self._generator, device=self.device, dtype=self.dtype))
+        self._add(self._order.admit())
         return self._order.ready()
 
     @torch.inference_mode()
     def flush(self) -> list[StreamFrame]:
         """The end of a stream: run the in-flight frames to their pictures (bubbles behind them) and return every
         report still waiting. The stream stays usable; the next frame starts an empty stream batch."""
-        while any(r is not None for r in self._in_flight):
+        if self._group:  # a part group runs now, its empty places as bubbles
+            self._run_group()
+        while any(g is not None for g in self._in_flight):
             self._advance(None)
         return self._order.ready()
 
@@ -183,7 +186,9 @@ class Stream:
 
     @property
     def frames_in_flight(self) -> int:
-        return sum(r is not None for r in self._in_flight)
+        """Frames given whose pictures have not come out: in the stream batch's slots or waiting for their group."""
+        in_slots = sum(r is not None for g in self._in_flight if g is not None for r in g)
+        return in_slots + sum(r is not None for r in self._group)
 
     # -- the device work of one call -----------------------------------------------------------------------------
 
@@ -194,7 +199,8 @@ class Stream:
             noise = None if self._posterior is None else _Fixed(self._posterior)
             z = self.codec.encode(to_unit(self._pixels), noise)
             x_new = (z * k.signal[:1] + self._noise[:1] * k.noise[:1]).to(self.dtype)  # the pipeline's add_noise
-            residual_new = self._noise[:1]  # self-negative RCFG: a frame's first residual is the noise it was given
+            # self-negative RCFG: a frame's first residual is the noise it was given
+            residual_new = self._noise[:1].expand(self.config.frames_per_call, -1, -1, -1)
         else:
             x_new = residual_new = self._start
         if self._state is None:
@@ -203,51 +209,75 @@ class Stream:
             latents = self._denoiser.batched(x_new, residual_new, self._state, self._stock, self._noise, k)
         return (to_uint8(self.codec.decode(latents)),)
 
-    def _advance(self, entry: _Record | None) -> None:
-        """Run one call: `entry` (None: a bubble) enters at step 0; the frame at the last step gets its picture."""
+    def _add(self, entry: _Record) -> None:
+        """A frame joins the current group; a full group runs."""
+        self._group.append(entry)
+        if len(self._group) == self.config.frames_per_call:
+            self._run_group()
+
+    def _run_group(self) -> None:
+        group = self._group + [None] * (self.config.frames_per_call - len(self._group))
+        self._group = []
+        if self.config.mode == "img2img":
+            self._send()
+        self._advance(group)
+
+    def _advance(self, group: list[_Record | None] | None) -> None:
+        """One graph run: `group` (None or None entries: bubbles) enters at step 0; the group at the last step gets
+        its pictures."""
         if self._graphed:
             with device_lock(self.device):
-                (picture,) = self._call.replay()
+                (pictures,) = self._call.replay()
         else:
-            (picture,) = self._frame()
-        done = entry
+            (pictures,) = self._frame()
+        done = group
         if self._in_flight:
-            done, self._in_flight = self._in_flight[-1], [entry, *self._in_flight[:-1]]
-        if done is not None:
-            done.finish(self._download(picture))
+            done, self._in_flight = self._in_flight[-1], [group, *self._in_flight[:-1]]
+        if done is not None and any(r is not None for r in done):
+            for record, picture in zip(done, self._download(pictures), strict=True):
+                if record is not None:
+                    record.finish(picture)
 
     def _host_buffers(self) -> None:
         """Pinned host buffers for the frame in and the picture out (asynchronous copies on the GPU path)."""
         self._staging = self._picture_host = None
         if self.device.type == "cuda":
             pinned = {"dtype": torch.uint8, "pin_memory": True}
-            self._staging = torch.empty((self.config.height, self.config.width, 3), **pinned)
-            self._picture_host = torch.empty((self.config.height, self.config.width, 3), **pinned)
+            frames = (self.config.frames_per_call, self.config.height, self.config.width, 3)
+            self._staging = torch.empty(frames, **pinned)
+            self._picture_host = torch.empty(frames, **pinned)
             self._copied, self._uploaded = torch.cuda.Event(), torch.cuda.Event()
 
-    def _upload(self, pixels: "np.ndarray | Tensor") -> None:
+    def _upload(self, pixels: "np.ndarray | Tensor", place: int) -> None:
+        """The frame into place `place` of the group's pixels (the staging buffer's, sent when the group is full,
+        or at once when the similarity filter must compare it)."""
         # The pinned staging buffer is free to overwrite only once the previous frame's copy out of it has run. That
         # copy is queued behind the previous replay, and a call that finishes no frame (the first len(steps) - 1
         # calls of a stream batch) has no host sync: without this wait the host wrote frame k+1 over frame k before
         # the GPU had copied it, and frame k was denoised from frame k+1's pixels (seen on the H200).
         if self._staging is not None:
             self._uploaded.synchronize()
-        target = self._pixels if self._staging is None else self._staging
+        target = (self._pixels if self._staging is None else self._staging)[place]
         if isinstance(pixels, np.ndarray):
             target.numpy()[...] = pixels  # one host copy, also from a read-only array (a decoded image's)
         else:
             target.copy_(pixels)
+        if self._filter is not None:
+            self._send()
+
+    def _send(self) -> None:
+        """The staging buffer's frames to the device, asynchronously (the next _upload waits for the copy)."""
         if self._staging is not None:
             self._pixels.copy_(self._staging, non_blocking=True)
             self._uploaded.record()
 
-    def _download(self, picture: Tensor) -> np.ndarray:
+    def _download(self, pictures: Tensor) -> list[np.ndarray]:
         if self._picture_host is None:
-            return picture.numpy()
-        self._picture_host.copy_(picture, non_blocking=True)
+            return list(pictures.numpy())
+        self._picture_host.copy_(pictures, non_blocking=True)
         self._copied.record()
-        self._copied.synchronize()  # the call's one host sync
-        return self._picture_host.numpy().copy()
+        self._copied.synchronize()  # the graph run's one host sync
+        return list(self._picture_host.numpy().copy())
 
     # -- host helpers --------------------------------------------------------------------------------------------
 
@@ -280,11 +310,13 @@ class Stream:
         posterior = None
         if config.mode == "img2img" and getattr(self.codec, "has_posterior", False):
             posterior = draw(shape, self.codec.vae_dtype, self.device)
-        first = draw(shape, self.dtype, self.device) if config.mode == "img2img" else self._zeros(1)
+        first = draw(shape, self.dtype, self.device) if config.mode == "img2img" else self._zeros(1)[:1]
         return posterior, torch.cat([first, *(draw(shape, self.dtype, self.device) for _ in range(n - 1))])
 
-    def _zeros(self, count: int) -> Tensor:
-        return torch.zeros((count, *self._latent_shape[1:]), dtype=self.dtype, device=self.device)
+    def _zeros(self, slots: int) -> Tensor:
+        """Latents for `slots` stream-batch slots of frames_per_call frames each."""
+        rows = slots * self.config.frames_per_call
+        return torch.zeros((rows, *self._latent_shape[1:]), dtype=self.dtype, device=self.device)
 
 
 class _Fixed(NoiseSource):
@@ -295,8 +327,8 @@ class _Fixed(NoiseSource):
         self.buffer = buffer
 
     def __call__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-        assert tuple(shape) == tuple(self.buffer.shape), "the codec drew other posterior noise than prepared"
-        return self.buffer
+        assert tuple(shape[1:]) == tuple(self.buffer.shape[1:]), "the codec drew other posterior noise than prepared"
+        return self.buffer.expand(shape)  # every frame of a group, as every frame of the stream, has the same
 
 
 def _indexed(device: torch.device) -> torch.device:
