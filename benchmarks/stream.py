@@ -20,6 +20,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ SIZE, FRAMES, WARMUP, DISTINCT = 512, 200, 20, 8
 STEPS = {"sd21": {"img2img": (32,), "txt2img": (0,)}, "sd15": {"img2img": (0, 16, 32, 45), "txt2img": (0, 16, 32, 45)}}
 # diffrt's frames per graph run beyond 1 (StreamDiffusion's frame_buffer_size), measured beside the headline rows.
 FRAMES_PER_CALL = {"sd21": (2, 3, 4), "sd15": (2,)}
+SIMILARITY = 0.98  # StreamDiffusion's default threshold
 TARGETS = [  # (arch, what, fps at least, p99 ms at most): the issue's, on the H200
     ("sd21", "img2img taesd stream-batch none", 200, 15.0),
     ("sd21", "txt2img taesd stream-batch none", 250, None),
@@ -43,33 +45,51 @@ TARGETS = [  # (arch, what, fps at least, p99 ms at most): the issue's, on the H
 ]
 
 
-def plan(archs: list[str]) -> list[tuple[str, str, str, str, bool, str, int]]:
-    """(arch, impl, mode, codec, stream batch, guidance, frames per call), most important first across the
-    architectures (a call cut short by its time box loses ablation rows, not headline ones): the headline rows beside
-    StreamDiffusion and diffrt's with several frames per graph run, then the full VAE and the naive baseline, then
-    the ablations of stream batch and residual CFG."""
-    tiers: list[list[tuple]] = [[], [], []]
+class Cell(NamedTuple):
+    """One row of the table: who runs which stream."""
+
+    arch: str
+    impl: str  # "diffrt stream", "streamdiffusion" or "diffrt pipeline" (the naive call)
+    mode: str
+    codec: str
+    stream_batch: bool = True
+    guidance: str = "none"
+    frames_per_call: int = 1
+    similarity: float | None = None  # the similarity filter's threshold, on a video whose frames each come twice
+
+    @property
+    def what(self) -> str:
+        return what(self.mode, self.codec, self.stream_batch, self.guidance, self.frames_per_call, self.similarity)
+
+
+def plan(archs: list[str]) -> list[Cell]:
+    """The cells, most important first across the architectures (a call cut short by its time box loses ablation
+    rows, not headline ones): the headline rows beside StreamDiffusion and diffrt's with several frames per graph
+    run, then the full VAE and the naive baseline, then the ablations of stream batch, residual CFG and the
+    similarity filter."""
+    tiers: list[list[Cell]] = [[], [], []]
+    both = ("diffrt stream", "streamdiffusion")
     for arch in archs:
         n = len(STEPS[arch]["img2img"])
         for mode in ("img2img", "txt2img"):
-            tiers[0] += [(arch, impl, mode, "taesd", True, "none", 1) for impl in ("diffrt stream", "streamdiffusion")]
-            tiers[0] += [(arch, "diffrt stream", mode, "taesd", True, "none", f) for f in FRAMES_PER_CALL[arch]]
-            tiers[1] += [(arch, impl, mode, "vae", True, "none", 1) for impl in ("diffrt stream", "streamdiffusion")]
-            tiers[1] += [(arch, "diffrt pipeline", mode, codec, False, "none", 1) for codec in ("taesd", "vae")]
+            tiers[0] += [Cell(arch, impl, mode, "taesd") for impl in both]
+            tiers[0] += [Cell(arch, "diffrt stream", mode, "taesd", frames_per_call=f) for f in FRAMES_PER_CALL[arch]]
+            tiers[1] += [Cell(arch, impl, mode, "vae") for impl in both]
+            tiers[1] += [Cell(arch, "diffrt pipeline", mode, codec, stream_batch=False) for codec in ("taesd", "vae")]
             if n > 1:
-                tiers[2] += [
-                    (arch, impl, mode, "taesd", False, "none", 1) for impl in ("diffrt stream", "streamdiffusion")
-                ]
+                tiers[2] += [Cell(arch, impl, mode, "taesd", stream_batch=False) for impl in both]
             for guidance in ("self", "initialize", "full"):
-                tiers[2] += [
-                    (arch, impl, mode, "taesd", True, guidance, 1) for impl in ("diffrt stream", "streamdiffusion")
-                ]
-    return [row for tier in tiers for row in tier]
+                tiers[2] += [Cell(arch, impl, mode, "taesd", guidance=guidance) for impl in both]
+            if mode == "img2img":
+                tiers[2] += [Cell(arch, impl, mode, "taesd", similarity=SIMILARITY) for impl in both]
+    return [cell for tier in tiers for cell in tier]
 
 
-def what(mode: str, codec: str, stream_batch: bool, guidance: str, frames_per_call: int = 1) -> str:
+def what(mode: str, codec: str, stream_batch: bool, guidance: str, frames_per_call: int = 1,
+         similarity: float | None = None) -> str:  # fmt: skip
     group = f" x{frames_per_call} frames/call" if frames_per_call > 1 else ""
-    return f"{mode} {codec} {'stream-batch' if stream_batch else 'per-frame'} {guidance}{group}"
+    filtered = f" similarity-filter {similarity:g} (each frame twice)" if similarity is not None else ""
+    return f"{mode} {codec} {'stream-batch' if stream_batch else 'per-frame'} {guidance}{group}{filtered}"
 
 
 def host_frames(count: int, seed: int = 0) -> list[np.ndarray]:
@@ -116,22 +136,22 @@ def graph_replay_ms(stream: Stream, repeats: int = 100) -> float:
     return start.elapsed_time(end) / repeats
 
 
-def diffrt_stream_row(pipe, arch: str, mode: str, stream_batch: bool, guidance: str, inputs,
-                      frames_per_call: int = 1) -> dict:  # fmt: skip
-    steps = STEPS[arch][mode]
+def diffrt_stream_row(pipe, c: Cell, inputs) -> dict:
+    steps = STEPS[c.arch][c.mode]
     t0 = time.perf_counter()
-    stream = Stream(pipe, prompt=PROMPT, height=SIZE, width=SIZE, steps=steps, num_inference_steps=50, mode=mode,
-                    guidance=guidance, guidance_scale=None if guidance == "none" else 1.2,
-                    stream_batch=stream_batch, frames_per_call=frames_per_call)  # fmt: skip
+    stream = Stream(pipe, prompt=PROMPT, height=SIZE, width=SIZE, steps=steps, num_inference_steps=50, mode=c.mode,
+                    guidance=c.guidance, guidance_scale=None if c.guidance == "none" else 1.2,
+                    stream_batch=c.stream_batch, frames_per_call=c.frames_per_call,
+                    similarity_threshold=c.similarity)  # fmt: skip
     prepare_s = time.perf_counter() - t0
-    call = stream if mode == "img2img" else (lambda _: stream.txt2img())
+    call = stream if c.mode == "img2img" else (lambda _: stream.txt2img())
     row = measure(call, inputs)
-    unet_batch = {"none": 1, "self": 1, "initialize": 1, "full": 2}[guidance] * (len(steps) if stream_batch else 1)
-    unet_batch = (unet_batch + (1 if guidance == "initialize" else 0)) * frames_per_call
+    unet_batch = {"none": 1, "self": 1, "initialize": 1, "full": 2}[c.guidance] * (len(steps) if c.stream_batch else 1)
+    unet_batch = (unet_batch + (1 if c.guidance == "initialize" else 0)) * c.frames_per_call
     # graph_ms is one run's GPU time, for frames_per_call frames
     return {**row, "graph_ms": graph_replay_ms(stream), "prepare_s": prepare_s, "steps": list(steps),
-            "delay_frames": stream.config.delay * frames_per_call, "unet_batch": unet_batch,
-            "frames_per_call": frames_per_call}  # fmt: skip
+            "delay_frames": stream.config.delay * c.frames_per_call, "unet_batch": unet_batch,
+            "frames_per_call": c.frames_per_call}  # fmt: skip
 
 
 def diffrt_pipeline_row(pipe, arch: str, mode: str, inputs) -> dict:
@@ -149,11 +169,12 @@ def diffrt_pipeline_row(pipe, arch: str, mode: str, inputs) -> dict:
     return {**measure(call, inputs, frames=60, warmup=5), "steps": n}
 
 
-def peer_row(diffusers_pipe, taesd, arch: str, mode: str, stream_batch: bool, guidance: str, inputs) -> dict:
+def peer_row(diffusers_pipe, taesd, c: Cell, inputs) -> dict:
     from benchmarks.stream_peer import StreamDiffusionPeer
 
-    steps = STEPS[arch][mode]
-    peer = StreamDiffusionPeer(diffusers_pipe, taesd, steps, mode, guidance, stream_batch, SIZE, PROMPT)
+    steps = STEPS[c.arch][c.mode]
+    peer = StreamDiffusionPeer(diffusers_pipe, taesd, steps, c.mode, c.guidance, c.stream_batch, SIZE, PROMPT,
+                               similarity=c.similarity)  # fmt: skip
     return {**measure(peer, inputs, frames=100), "steps": list(steps)}
 
 
@@ -198,25 +219,27 @@ class Models:
 
 def run(res: Results, archs: list[str], deadline: float, peers_on: bool) -> None:
     inputs, models = host_frames(DISTINCT), Models()
-    for arch, impl, mode, codec, stream_batch, guidance, per_call in plan(archs):
-        name = what(mode, codec, stream_batch, guidance, per_call)
-        cell = {"arch": arch, "impl": impl, "batch": 1, "height": SIZE, "width": SIZE}
-        if res.has(**cell, what=name) or (impl == "streamdiffusion" and not peers_on):
+    twice = [frame for frame in inputs for _ in range(2)]  # a video at half the camera's rate: every frame repeated
+    for c in plan(archs):
+        cell = {"arch": c.arch, "impl": c.impl, "batch": 1, "height": SIZE, "width": SIZE}
+        if res.has(**cell, what=c.what) or (c.impl == "streamdiffusion" and not peers_on):
             continue
         if time.time() > deadline:
-            print(f"budget spent: {arch} {impl} {name} and later rows not measured", flush=True)
+            print(f"budget spent: {c.arch} {c.impl} {c.what} and later rows not measured", flush=True)
             return
+        frames = inputs if c.similarity is None else twice
         try:
-            if impl == "diffrt stream":
-                row = diffrt_stream_row(models.pipe(arch, codec), arch, mode, stream_batch, guidance, inputs, per_call)
-            elif impl == "diffrt pipeline":
-                row = diffrt_pipeline_row(models.pipe(arch, codec), arch, mode, inputs)
+            if c.impl == "diffrt stream":
+                row = diffrt_stream_row(models.pipe(c.arch, c.codec), c, frames)
+            elif c.impl == "diffrt pipeline":
+                row = diffrt_pipeline_row(models.pipe(c.arch, c.codec), c.arch, c.mode, frames)
             else:
-                taesd = models.pipe(arch, "taesd").components.vae if codec == "taesd" else None
-                row = peer_row(models.diffusers(arch), taesd, arch, mode, stream_batch, guidance, inputs)
-            res.add(**cell, what=name, mode=mode, codec=codec, stream_batch=stream_batch, guidance=guidance, **row)
+                taesd = models.pipe(c.arch, "taesd").components.vae if c.codec == "taesd" else None
+                row = peer_row(models.diffusers(c.arch), taesd, c, frames)
+            res.add(**cell, what=c.what, mode=c.mode, codec=c.codec, stream_batch=c.stream_batch,
+                    guidance=c.guidance, similarity_threshold=c.similarity, **row)  # fmt: skip
         except Exception as e:  # a row that fails is recorded with its error; the others still run
-            res.add(**cell, what=name, median_ms=None, error=f"{type(e).__name__}: {e}"[:500])
+            res.add(**cell, what=c.what, median_ms=None, error=f"{type(e).__name__}: {e}"[:500])
         torch.cuda.empty_cache()
 
 

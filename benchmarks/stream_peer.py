@@ -11,7 +11,8 @@ from benchmarks import peers
 
 class StreamDiffusionPeer:
     def __init__(self, diffusers_pipe, taesd: torch.nn.Module | None, steps: tuple[int, ...], mode: str,
-                 guidance: str, stream_batch: bool, size: int, prompt: str) -> None:  # fmt: skip
+                 guidance: str, stream_batch: bool, size: int, prompt: str,
+                 similarity: float | None = None) -> None:  # fmt: skip
         from streamdiffusion import StreamDiffusion
 
         self.mode = mode
@@ -22,6 +23,8 @@ class StreamDiffusionPeer:
             self.stream.vae = peers.diffusers_vae(taesd).to(device="cuda", dtype=torch.float16)
         # StreamDiffusion's defaults: 50 steps, guidance 1.2 with its CFG modes (it forces 1.0 for "none").
         self.stream.prepare(prompt, num_inference_steps=50, guidance_scale=1.2)
+        if similarity is not None:  # its filter sleeps through a skipped frame for its mean frame time (paced output)
+            self.stream.enable_similar_image_filter(similarity, max_skip_frame=10)
 
     @torch.inference_mode()
     def __call__(self, frame: np.ndarray) -> np.ndarray:
