@@ -6,6 +6,8 @@ import subprocess
 import uuid
 from pathlib import Path
 
+import pytest
+
 from benchmarks.carry_parts import write_parts
 
 
@@ -13,11 +15,17 @@ def put(workdir: Path, prefix: str, k: int) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", f".{prefix}{k}/put.sh"], cwd=workdir, capture_output=True, text=True, timeout=60)
 
 
-def test_parts_reassemble_in_order_and_finish(tmp_path, monkeypatch):
-    prefix, name = f"t{uuid.uuid4().hex[:8]}", f"{uuid.uuid4().hex}.bin"
-    payload = os.urandom(5 << 19)  # 2.5 MiB in 1 MiB parts: three parts, the last one short
+@pytest.fixture
+def folder(tmp_path, monkeypatch):
+    """A checkout-like folder to write parts into, and unique names for the machine's /tmp: (folder, prefix, name)."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / ".git").mkdir()
+    return tmp_path, f"t{uuid.uuid4().hex[:8]}", f"{uuid.uuid4().hex}.bin"
+
+
+def test_parts_reassemble_in_order_and_finish(folder):
+    tmp_path, prefix, name = folder
+    payload = os.urandom(5 << 19)  # 2.5 MiB in 1 MiB parts: three parts, the last one short
     n = write_parts(payload, prefix, name, finish=f"  mv /tmp/{name} {tmp_path}/whole.bin", part=1 << 20)
     assert n == 3
     sizes = [(tmp_path / f".{prefix}{k}" / f"part{k:02d}").stat().st_size for k in (1, 2, 3)]
@@ -31,10 +39,8 @@ def test_parts_reassemble_in_order_and_finish(tmp_path, monkeypatch):
     assert not Path(f"/tmp/{prefix}-parts").exists()
 
 
-def test_a_part_on_a_cold_machine_is_refused(tmp_path, monkeypatch):
-    prefix, name = f"t{uuid.uuid4().hex[:8]}", f"{uuid.uuid4().hex}.bin"
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / ".git").mkdir()
+def test_a_part_on_a_cold_machine_is_refused(folder):
+    tmp_path, prefix, name = folder
     write_parts(os.urandom(3 << 20), prefix, name, finish="  echo finished", part=1 << 20)
     r = put(tmp_path, prefix, 2)  # part 1 never placed: the machine was not the warm one
     assert r.returncode == 3
@@ -42,10 +48,8 @@ def test_a_part_on_a_cold_machine_is_refused(tmp_path, monkeypatch):
     assert not Path(f"/tmp/{prefix}-parts").exists()
 
 
-def test_a_corrupt_part_fails_the_checksum(tmp_path, monkeypatch):
-    prefix, name = f"t{uuid.uuid4().hex[:8]}", f"{uuid.uuid4().hex}.bin"
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / ".git").mkdir()
+def test_a_corrupt_part_fails_the_checksum(folder):
+    tmp_path, prefix, name = folder
     write_parts(os.urandom(2 << 20), prefix, name, finish="  echo finished", part=1 << 20)
     part = tmp_path / f".{prefix}2" / "part02"
     part.write_bytes(b"x" + part.read_bytes()[1:])
