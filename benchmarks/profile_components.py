@@ -149,9 +149,11 @@ def main(argv: list[str] | None = None) -> dict:
         for module in (pipe.components.unet, pipe.components.vae):
             module.to(memory_format=torch.channels_last)
     calls = component_calls(pipe, args.size, args.batch, args.guidance)
-    kernels = "triton, channels-last" if gpu else "torch (CPU: no GPU times)"
-    setup = {"preset": args.preset, "size": args.size, "batch": args.batch, "guidance": args.guidance}
-    report = {"environment": {**environment(args.commit), **setup, "dtype": str(dtype), "kernels": kernels}}
+    implementation = "triton, channels-last" if gpu else "torch (CPU: no GPU times)"
+    setup = {"preset": args.preset, "size": args.size, "batch": args.batch, "guidance": args.guidance,
+             "dtype": str(dtype), "implementation": implementation}  # fmt: skip
+    # "implementation", not "kernels": each component's row also holds its top "kernels", which once overwrote this
+    report = {"environment": {**environment(args.commit), **setup}}
     for name in args.components.split(","):
         fn, weight_bytes = calls[name]
         report[name] = {**report["environment"], **profile_call(fn, weight_bytes, args.calls, args.top)}
