@@ -11,6 +11,7 @@ Variants (diffrt.models.ops records built from TRITON_OPS with one entry put bac
   - GroupNorm kernel        torch's GroupNorm + SiLU
   - channels-last           the kernels on NCHW tensors
   torch ops                 TORCH_OPS in NCHW: the graph replay of diffrt's reference modules
+  + fused projections       a candidate not yet on by default: attention's q/k/v (cross: k/v) in one GEMM each
 
     python benchmarks/ablation.py --archs sd21 --sizes 512,1024 --out benchmarks/results/ablation_h200.json
 """
@@ -55,6 +56,7 @@ VARIANTS = {
     "- GroupNorm kernel": (dataclasses.replace(T, group_norm=ops.group_norm_torch), True),
     "- channels-last": (T, False),
     "torch ops": (ops.TORCH_OPS, False),
+    "+ fused projections": (dataclasses.replace(T, fuse_projections=True), True),
 }
 
 

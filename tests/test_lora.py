@@ -115,6 +115,31 @@ def test_several_loras_then_unload_restores_every_weight_in_the_same_tensors(fam
     np.testing.assert_array_equal(base, pipe(PROMPT, latents=_latents(), **kw))
 
 
+def test_a_lora_reaches_fused_projections_joined_before_it():
+    """With attention's projections in one GEMM (ops.fuse_projections), a LoRA loaded after a first generation (which
+    joined them) writes into the joint tensors: the images are the reference modules' with the same LoRA, and
+    unloading gives the first image back."""
+    from dataclasses import replace
+
+    from diffrt.backends.eager import EagerBackend
+    from diffrt.models.ops import TORCH_OPS
+
+    root, _, files, _ = saved("sd1")
+    plain = diffrt.Pipeline.from_pretrained(root)
+    backend = EagerBackend("torch, fused projections", replace(TORCH_OPS, fuse_projections=True))
+    fused = diffrt.Pipeline.from_pretrained(root, backend=backend)
+    kw = {"height": H, "width": W, "steps": 2, "sampler": "euler", "output_type": "np"}
+    base = fused(PROMPT, latents=_latents(), **kw)
+    np.testing.assert_allclose(base, plain(PROMPT, latents=_latents(), **kw), atol=1e-5)
+    for pipe in (plain, fused):
+        pipe.load_lora(files["diffusers"][0], scale=0.7)
+    with_lora = fused(PROMPT, latents=_latents(), **kw)
+    np.testing.assert_allclose(with_lora, plain(PROMPT, latents=_latents(), **kw), atol=1e-5)
+    assert np.abs(with_lora - base).max() > 1e-2, "the LoRA changed nothing"
+    fused.unload_lora()
+    np.testing.assert_allclose(fused(PROMPT, latents=_latents(), **kw), base, atol=1e-6)
+
+
 def test_switching_loras_changes_the_next_image_and_the_prompt_embeddings():
     root, _, files, parts = saved("sd1")
     pipe = diffrt.Pipeline.from_pretrained(root)

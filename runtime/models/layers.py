@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffrt.models.joint_linear import JointLinear
 from diffrt.models.ops import TORCH_OPS
 
 
@@ -111,14 +112,22 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(context_dim or query_dim, inner, bias=bias)
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim), nn.Dropout(0.0)])
+        # With ops.fuse_projections: q, k, v in one GEMM (self-attention), or k and v (cross-attention: q reads x)
+        self._qkv = JointLinear(self.to_q, self.to_k, self.to_v)
+        self._kv = JointLinear(self.to_k, self.to_v)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
         b, h = x.shape[0], self.heads
-        # [B, S, H*D] -> [B, H, S, D] as a strided view: the attention kernels take any strides, so no copy.
-        q = self.to_q(x).unflatten(-1, (h, -1)).transpose(1, 2)
-        k = self.to_k(context).unflatten(-1, (h, -1)).transpose(1, 2)
-        v = self.to_v(context).unflatten(-1, (h, -1)).transpose(1, 2)
+        if not self.ops.fuse_projections:
+            context = x if context is None else context
+            q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        elif context is None:
+            q, k, v = self._qkv(x)
+        else:
+            q, (k, v) = self.to_q(x), self._kv(context)
+        # [B, S, H*D] -> [B, H, S, D] as strided views (of the joint GEMM's output too): the attention kernels take
+        # any strides, so no copy.
+        q, k, v = (t.unflatten(-1, (h, -1)).transpose(1, 2) for t in (q, k, v))
         out = self.ops.attention(q, k, v).transpose(1, 2).reshape(b, x.shape[1], -1)
         return self.to_out[0](out)
 

@@ -31,6 +31,9 @@ class Ops:
     conv2d: Callable[..., torch.Tensor]  # F.conv2d's arguments (x, weight, bias, stride, padding, dilation, groups)
     geglu: Callable[[torch.Tensor], torch.Tensor]  # [..., 2 * D] -> h * gelu(gate), [..., D]
     upsample_nearest: Callable[..., torch.Tensor]  # (x [N, C, H, W], size or None for 2x) -> upsampled x
+    # Attention's projections in one GEMM (q, k, v; k, v for cross-attention; diffrt.models.joint_linear) in
+    # inference. Off on both records until measured on the device (benchmarks/ablation.py "+ fused projections").
+    fuse_projections: bool = False
 
 
 def _per_channel(shift: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
