@@ -1,11 +1,12 @@
 """diffrt.Stream: a pipeline prepared once for real-time img2img (one call per camera frame) or txt2img (one call per
 image), StreamDiffusion's techniques (Kim et al. 2023, https://arxiv.org/abs/2312.12491) on diffrt's modules.
 
-Prepared once: the prompt's embeddings, the fixed noise, the step coefficients, every static buffer. Per frame, on a
-GPU: the frame is copied in from pinned memory, one CUDA graph replays the encoder, the stream-batched denoise and
-the decoder, and the picture is copied out; reading it is the one host sync (the similarity filter, when on, adds
-one). On a CPU the same function runs eagerly. A prompt, strength or guidance change copies new values into the
-static buffers: no capture. Pictures come out in frame order; with stream batch, len(steps) - 1 frames late.
+Prepared once: the prompt's embeddings, the fixed noise, the step coefficients, every static buffer. Per group of
+frames_per_call frames (one frame by default), on a GPU: the frames are copied in from pinned memory, one CUDA graph
+replays the encoder, the stream-batched denoise and the decoder, and the pictures are copied out; reading them is
+the one host sync (the similarity filter, when on, adds one per frame). On a CPU the same function runs eagerly. A
+prompt, strength or guidance change copies new values into the static buffers: no capture. Pictures come out in
+frame order; with stream batch, len(steps) - 1 graph runs late.
 """
 
 from dataclasses import replace
@@ -218,7 +219,7 @@ class Stream:
     def _run_group(self) -> None:
         group = self._group + [None] * (self.config.frames_per_call - len(self._group))
         self._group = []
-        if self.config.mode == "img2img":
+        if self.config.mode == "img2img" and self._filter is None:  # (with the filter each frame went at once)
             self._send()
         self._advance(group)
 
@@ -328,7 +329,7 @@ class _Fixed(NoiseSource):
 
     def __call__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
         assert tuple(shape[1:]) == tuple(self.buffer.shape[1:]), "the codec drew other posterior noise than prepared"
-        return self.buffer.expand(shape)  # every frame of a group, as every frame of the stream, has the same
+        return self.buffer.expand(shape)  # the same noise for each frame of a group, as for each frame of a stream
 
 
 def _indexed(device: torch.device) -> torch.device:
