@@ -12,6 +12,8 @@ Variants (diffrt.models.ops records built from TRITON_OPS with one entry put bac
   - channels-last           the kernels on NCHW tensors
   torch ops                 TORCH_OPS in NCHW: the graph replay of diffrt's reference modules
   + fused projections       a candidate not yet on by default: attention's q/k/v (cross: k/v) in one GEMM each
+  + TAESD epilogues         a candidate not yet on by default: TAESD's bias, residual and ReLU in one pass, its
+                            upsampling on the kernel (TAESD's decode and encode are timed beside the KL VAE's)
 
     python benchmarks/ablation.py --archs sd21 --sizes 512,1024 --out benchmarks/results/ablation_h200.json
 """
@@ -32,6 +34,7 @@ from benchmarks.environment import environment  # noqa: E402
 from benchmarks.latency import Results  # noqa: E402
 from diffrt import latency  # noqa: E402
 from diffrt.models import ops  # noqa: E402
+from diffrt.models.taesd import AutoencoderTiny, TAESDConfig  # noqa: E402
 from diffrt.pipeline import Pipeline  # noqa: E402
 from diffrt.request import GenerationRequest  # noqa: E402
 
@@ -57,12 +60,15 @@ VARIANTS = {
     "- channels-last": (T, False),
     "torch ops": (ops.TORCH_OPS, False),
     "+ fused projections": (dataclasses.replace(T, fuse_projections=True), True),
+    "+ TAESD epilogues": (dataclasses.replace(T, taesd_epilogues=True), True),
 }
 
 
 def measure(res: Results, arch: str, sizes: list[int], variants: list[str], deadline: float) -> None:
     pipe = Pipeline.from_pretrained(arch, device="cuda", dtype=torch.float16, backend="cuda-graph")
     unet, vae = pipe.components.unet, pipe.components.vae
+    taesd = AutoencoderTiny(TAESDConfig.preset("taesdxl" if pipe.spec.sdxl else "taesd")).eval()
+    taesd.to("cuda", torch.float16).to(memory_format=torch.channels_last).requires_grad_(False)
     for size in sizes:
         request = GenerationRequest(
             latency.PROMPT, height=size, width=size, steps=1, guidance_scale=1.0, output_type="pt"
@@ -73,21 +79,24 @@ def measure(res: Results, arch: str, sizes: list[int], variants: list[str], dead
                 pipe.roles.denoiser, plan.latents, torch.tensor(999.0, device="cuda"), plan.cond
             ),  # fmt: skip
             "decode": functools.partial(pipe.roles.codec.decode, plan.latents),
-        }
+            "decode taesd": functools.partial(taesd.decode, plan.latents),
+            "encode taesd": functools.partial(taesd.encode, torch.zeros(1, 3, size, size, device="cuda").half()
+                                              .to(memory_format=torch.channels_last)),
+        }  # fmt: skip
         for name in variants:
             cell = {"arch": arch, "impl": name, "batch": 1, "height": size, "width": size}
             if time.time() > deadline:
                 return
-            if res.has(**cell, what="unet_step") and res.has(**cell, what="decode"):
+            if all(res.has(**cell, what=what) for what in calls):
                 continue
             variant, channels_last = VARIANTS[name]
             layout = torch.channels_last if channels_last else torch.contiguous_format
-            for module in (unet, vae):
+            for module in (unet, vae, taesd):
                 ops.set_ops(module, variant).to(memory_format=layout)
             with torch.inference_mode():
                 for what, call in calls.items():
                     res.add(**cell, what=what, **latency.graph_replay_ms(call))
-    for module in (unet, vae):  # back to the fast path's own choice
+    for module in (unet, vae, taesd):  # back to the fast path's own choice
         ops.set_ops(module, T).to(memory_format=torch.channels_last)
 
 

@@ -1,4 +1,5 @@
-"""A convolution's bias epilogue in Triton: y = (x + bias [+ residual]) * scale over channels-last activations.
+"""A convolution's bias epilogue in Triton: y = act((x + bias [+ residual]) * scale) over channels-last activations,
+act the identity or ReLU (TAESD's convolutions are each followed by one).
 
 torch adds a cuDNN convolution's bias in a kernel of its own, and for a channels-last output that kernel broadcasts
 the [C] bias through TensorIterator's generic (non-vectorised) path: on the H200 profile of the SD2.1 VAE decoder
@@ -22,7 +23,7 @@ _CONFIGS = [
 
 
 # Y may be X (in place): each timed run would add the bias again, so autotuning restores it.
-@_autotune(_CONFIGS, key=["M", "C", "HAS_RES"], restore=("Y",))
+@_autotune(_CONFIGS, key=["M", "C", "HAS_RES", "RELU"], restore=("Y",))
 @triton.jit
 def _bias_add_kernel(
     X,  # [M, C] input, rows contiguous (a channels-last activation seen as pixels x channels)
@@ -33,6 +34,7 @@ def _bias_add_kernel(
     C,  # channels
     scale,  # multiplies the sum (1 / the ResNet block's output_scale_factor)
     HAS_RES: tl.constexpr,  # whether R is added
+    RELU: tl.constexpr,  # whether max(y, 0) is stored
     BLOCK_M: tl.constexpr,  # rows per program
     BLOCK_C: tl.constexpr,  # channels per program
 ):
@@ -44,7 +46,10 @@ def _bias_add_kernel(
     y += tl.load(B + cols, mask=cols < C, other=0.0).to(tl.float32)[None, :]
     if HAS_RES:
         y += tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + offs, (y * scale).to(Y.dtype.element_ty), mask=mask)
+    y = y * scale
+    if RELU:
+        y = tl.maximum(y, 0.0)
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor | None:
@@ -67,8 +72,10 @@ def bias_add(
     residual: torch.Tensor | None = None,
     scale: float = 1.0,
     out: torch.Tensor | None = None,
+    relu: bool = False,
 ) -> torch.Tensor:
-    """(x + bias[c] + residual) * scale for x [N, C, H, W] channels-last (or [M, C] contiguous); fp32 arithmetic.
+    """(x + bias[c] + residual) * scale for x [N, C, H, W] channels-last (or [M, C] contiguous), then max(., 0) if
+    relu; fp32 arithmetic.
 
     Written into `out` (x's shape and layout; x itself is allowed) or a new tensor in x's layout.
     """
@@ -93,15 +100,16 @@ def bias_add(
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"]))
 
-    _bias_add_kernel[grid](x2, bias, r2, y2, m, c, float(scale), HAS_RES=residual is not None)
+    _bias_add_kernel[grid](x2, bias, r2, y2, m, c, float(scale), HAS_RES=residual is not None, RELU=bool(relu))
     return y
 
 
 def bias_add_reference(
-    x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None = None, scale: float = 1.0
+    x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None = None, scale: float = 1.0, relu: bool = False
 ) -> torch.Tensor:
     """Plain torch, in x's dtype: the tests' reference (on fp32 copies) and the benchmark's peer."""
     y = x + bias.view(-1, *[1] * (x.dim() - 2))
     if residual is not None:
         y = residual + y
-    return y if scale == 1.0 else y * scale
+    y = y if scale == 1.0 else y * scale
+    return torch.relu(y) if relu else y

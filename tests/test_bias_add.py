@@ -22,12 +22,14 @@ def _inputs(shape, dtype, residual: bool, seed=0):
     return to(x), b.to(device(), dtype), None if r is None else to(r)
 
 
-def _check(x, b, r, scale, atol, rtol, what):
+def _check(x, b, r, scale, atol, rtol, what, relu=False):
     out = poisoned_like(x)
-    y = bias_add(x, b, r, scale, out=out)
+    y = bias_add(x, b, r, scale, out=out, relu=relu)
     assert y is out
-    ref = bias_add_reference(x.float(), b.float(), None if r is None else r.float(), scale)
-    return check_output(y, ref, bias_add_reference(x, b, r, scale), atol, rtol, what)
+    ref = bias_add_reference(x.float(), b.float(), None if r is None else r.float(), scale, relu)
+    if relu:
+        assert (ref == 0).float().mean() > 0.2, "the ReLU must clip a good share for the check to mean something"
+    return check_output(y, ref, bias_add_reference(x, b, r, scale, relu), atol, rtol, what)
 
 
 # (label, shape): channels not a multiple of the tile, a single pixel, odd H*W, a plain [M, C] matrix.
@@ -40,12 +42,17 @@ EDGE_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("residual,scale", [(False, 1.0), (True, 1.0), (True, 0.5)], ids=["bias", "res", "res_scaled"])
+EPILOGUES = [(False, 1.0, False), (True, 1.0, False), (True, 0.5, False), (False, 1.0, True), (True, 1.0, True)]
+
+
+@pytest.mark.parametrize(
+    "residual,scale,relu", EPILOGUES, ids=["bias", "res", "res_scaled", "bias_relu", "res_relu"]
+)  # fmt: skip
 @pytest.mark.parametrize("label,shape", EDGE_SHAPES, ids=[s[0] for s in EDGE_SHAPES])
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
-def test_edge_shapes(label, shape, residual, scale, dtype, atol, rtol):
+def test_edge_shapes(label, shape, residual, scale, relu, dtype, atol, rtol):
     x, b, r = _inputs(shape, dtype, residual)
-    _check(x, b, r, scale, atol, rtol, f"{label} {dtype}")
+    _check(x, b, r, scale, atol, rtol, f"{label} {dtype}", relu)
 
 
 def test_in_place_into_x():
@@ -65,17 +72,19 @@ def test_rejects_layouts_it_cannot_read_as_rows():
         bias_add(x, b[:4])
 
 
-# UNet and VAE decoder conv outputs at 512² (fp16, channels-last), with the residual as the ResNet block adds it.
-REAL_SHAPES = [(1, 320, 64, 64), (2, 640, 32, 32), (1, 1280, 8, 8), (1, 512, 128, 128), (1, 128, 512, 512)]
+# UNet, VAE decoder and TAESD conv outputs at 512² (fp16, channels-last), with the residual as a ResNet block adds it.
+REAL_SHAPES = [(1, 320, 64, 64), (2, 640, 32, 32), (1, 1280, 8, 8), (1, 512, 128, 128), (1, 128, 512, 512),
+               (1, 64, 512, 512), (3, 64, 128, 128)]  # fmt: skip
 
 
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("shape", REAL_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("residual", [False, True], ids=["bias", "res"])
-def test_real_shapes(shape, residual):
+@pytest.mark.parametrize("residual,relu", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["bias", "res", "bias_relu", "res_relu"])  # fmt: skip
+def test_real_shapes(shape, residual, relu):
     x, b, r = _inputs(shape, torch.float16, residual)
-    _check(x, b, r, 1.0, *TOLERANCES[torch.float16], f"{shape}")
+    _check(x, b, r, 1.0, *TOLERANCES[torch.float16], f"{shape}", relu)
 
 
 @pytest.mark.gpu

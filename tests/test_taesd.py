@@ -143,3 +143,35 @@ def test_from_diffusers_rejects(change, message):
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown TAESD preset 'taesd3'"):
         TAESDConfig.preset("taesd3")
+
+
+@pytest.mark.parametrize("preset", ["tiny", "taesd"])
+def test_epilogues_are_the_plain_modules(preset):
+    """ops.taesd_epilogues (a convolution's bias, the block's residual and ReLU in one bias_add pass, nearest 2x
+    upsampling on its op) computes what the plain modules compute: fp32 on torch's ops, and fp16 channels-last on the
+    Triton kernels (the interpreter on a CPU) within twice the plain kernels' own fp16 error."""
+    import dataclasses
+
+    from diffrt.models.ops import TORCH_OPS, TRITON_OPS, set_ops
+    from diffrt.models.taesd import AutoencoderTiny, TAESDConfig
+
+    torch.manual_seed(0)
+    model = AutoencoderTiny(TAESDConfig.preset(preset)).eval()
+    size = 32 if preset == "taesd" else 64
+    image = torch.rand(2, 3, size, size) * 2 - 1
+    with torch.inference_mode():
+        plain = model.encode(image), model.decode(model.encode(image))
+        set_ops(model, dataclasses.replace(TORCH_OPS, taesd_epilogues=True))
+        z = model.encode(image)
+        torch.testing.assert_close(z, plain[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.decode(z), plain[1], atol=1e-5, rtol=1e-5)
+        half = model.half().to(memory_format=torch.channels_last)
+        x = image.half().to(memory_format=torch.channels_last)
+        set_ops(half, TRITON_OPS)
+        want = half.decode(half.encode(x))
+        set_ops(half, dataclasses.replace(TRITON_OPS, taesd_epilogues=True))
+        got = half.decode(half.encode(x))
+    assert want.std() > 5e-3, "a flat output would prove little"
+    # against the fp32 modules: the epilogues' error stays within twice the plain kernels' own fp16 error
+    err, own = ((t.float() - plain[1]).abs().max().item() for t in (got, want))
+    assert err <= 2 * own + 1e-3, (err, own)

@@ -25,8 +25,8 @@ class Ops:
     # (x [N, C, *], num_groups, weight, bias, eps, silu, shift [C] or [N, C] added to x first, or None) -> like x
     group_norm: Callable[..., torch.Tensor]
     attention: Callable[..., torch.Tensor]  # (q [B, H, Sq, D], k, v [B, H, Sk, D], any strides) -> [B, H, Sq, D]
-    # (x [N, C, *], bias [C] or None, residual like x or None, scale) -> (x + bias + residual) * scale; it may write
-    # into x, so callers pass a tensor of their own (a convolution's fresh output)
+    # (x [N, C, *], bias [C] or None, residual like x or None, scale, relu=False) -> (x + bias + residual) * scale,
+    # then ReLU if relu; it may write into x, so callers pass a tensor of their own (a convolution's fresh output)
     bias_add: Callable[..., torch.Tensor]
     conv2d: Callable[..., torch.Tensor]  # F.conv2d's arguments (x, weight, bias, stride, padding, dilation, groups)
     geglu: Callable[[torch.Tensor], torch.Tensor]  # [..., 2 * D] -> h * gelu(gate), [..., D]
@@ -34,6 +34,9 @@ class Ops:
     # Attention's projections in one GEMM (q, k, v; k, v for cross-attention; diffrt.models.joint_linear) in
     # inference. Off on both records until measured on the device (benchmarks/ablation.py "+ fused projections").
     fuse_projections: bool = False
+    # TAESD's convolutions with their bias, ReLU and residual in one epilogue (bias_add) and its upsampling on
+    # upsample_nearest, as the KL VAE's already are. Off until measured (benchmarks/ablation.py "+ TAESD epilogues").
+    taesd_epilogues: bool = False
 
 
 def _per_channel(shift: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -55,12 +58,14 @@ def group_norm_torch(
 
 
 def bias_add_torch(
-    x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None, scale: float = 1.0
-) -> torch.Tensor:
+    x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None, scale: float = 1.0,
+    relu: bool = False,
+) -> torch.Tensor:  # fmt: skip
     y = x if bias is None else x + bias.view(-1, *[1] * (x.dim() - 2))
     if residual is not None:
         y = residual + y
-    return y if scale == 1.0 else y * scale
+    y = y if scale == 1.0 else y * scale
+    return F.relu(y) if relu else y
 
 
 def geglu_torch(hg: torch.Tensor) -> torch.Tensor:
@@ -120,15 +125,16 @@ def group_norm_triton(
 
 
 def bias_add_triton(
-    x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None, scale: float = 1.0
-) -> torch.Tensor:
+    x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None, scale: float = 1.0,
+    relu: bool = False,
+) -> torch.Tensor:  # fmt: skip
     if bias is None or not _on_kernels(x) or bias.dtype != x.dtype:
-        return bias_add_torch(x, bias, residual, scale)
+        return bias_add_torch(x, bias, residual, scale, relu)
     from diffrt.kernels import bias_add as kernel
 
     if not kernel.supports(x, residual):
-        return bias_add_torch(x, bias, residual, scale)
-    return kernel.bias_add(x, bias, residual, scale, out=x)  # x is a fresh convolution output: add in place
+        return bias_add_torch(x, bias, residual, scale, relu)
+    return kernel.bias_add(x, bias, residual, scale, out=x, relu=relu)  # a fresh convolution output: in place
 
 
 def conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *args) -> torch.Tensor:

@@ -10,7 +10,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from diffrt.models.ops import TORCH_OPS
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -128,8 +131,40 @@ PRESETS: dict[str, TAESDConfig] = {
 }
 
 
+def _conv(ops, conv: nn.Conv2d, x: torch.Tensor, relu: bool = False, residual: torch.Tensor | None = None):
+    """relu(conv(x) [+ residual]); with ops.taesd_epilogues a biased convolution runs without its bias and one
+    bias_add pass adds it, the residual and the ReLU (torch adds a channels-last bias on its slow broadcasting path,
+    benchmarks/NOTES_kernels.md run 8, then the residual and the ReLU a pass each)."""
+    if ops.taesd_epilogues and conv.bias is not None:
+        return ops.bias_add(conv._conv_forward(x, conv.weight, None), conv.bias, residual, 1.0, relu)
+    y = conv(x)
+    if residual is not None:
+        y = y + residual
+    return F.relu(y) if relu else y
+
+
+def _run(ops, layers, x: torch.Tensor) -> torch.Tensor:
+    """`layers` in turn; with ops.taesd_epilogues a convolution and the ReLU after it as one epilogue (_conv), and
+    nearest 2x upsampling on ops.upsample_nearest."""
+    layers = list(layers)
+    i = 0
+    while i < len(layers):
+        layer = layers[i]
+        fused_relu = ops.taesd_epilogues and i + 1 < len(layers) and isinstance(layers[i + 1], nn.ReLU)
+        if isinstance(layer, nn.Conv2d):
+            x = _conv(ops, layer, x, relu=fused_relu)
+            i += 2 if fused_relu else 1
+            continue
+        nearest_2x = isinstance(layer, nn.Upsample) and layer.mode == "nearest" and layer.scale_factor in (2, 2.0)
+        x = ops.upsample_nearest(x, None) if ops.taesd_epilogues and nearest_2x else layer(x)
+        i += 1
+    return x
+
+
 class AutoencoderTinyBlock(nn.Module):
     """act(conv-act-conv-act-conv(x) + skip(x)); diffusers names: conv.{0,2,4}, skip, fuse."""
+
+    ops = TORCH_OPS  # per instance once diffrt.models.ops.set_ops has run
 
     def __init__(self, in_channels: int, out_channels: int, act_fn: str):
         super().__init__()
@@ -147,11 +182,16 @@ class AutoencoderTinyBlock(nn.Module):
         self.fuse = nn.ReLU()  # ReLU whatever act_fn is, as in diffusers and the original
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fuse(self.conv(x) + self.skip(x))
+        if not self.ops.taesd_epilogues:
+            return self.fuse(self.conv(x) + self.skip(x))
+        h = _run(self.ops, self.conv[:-1], x)
+        return _conv(self.ops, self.conv[-1], h, relu=True, residual=self.skip(x))  # fuse is a ReLU
 
 
 class EncoderTiny(nn.Module):
     """Image [B, 3, H, W] in [-1, 1] -> latents [B, latent_channels, H / 8, W / 8] in the UNet's scale."""
+
+    ops = TORCH_OPS
 
     def __init__(self, config: TAESDConfig):
         super().__init__()
@@ -166,11 +206,13 @@ class EncoderTiny(nn.Module):
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x.add(1).div(2))  # TAESD itself works on images in [0, 1]
+        return _run(self.ops, self.layers, x.add(1).div(2))  # TAESD itself works on images in [0, 1]
 
 
 class DecoderTiny(nn.Module):
     """Latents in the UNet's scale -> image in [-1, 1] (not clamped; the latents are soft-clamped to (-3, 3))."""
+
+    ops = TORCH_OPS
 
     def __init__(self, config: TAESDConfig):
         super().__init__()
@@ -189,7 +231,7 @@ class DecoderTiny(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.tanh(x / 3) * 3  # smooth clamp of outlying latents, as TAESD's own Clamp module
-        return self.layers(x).mul(2).sub(1)  # TAESD outputs [0, 1]; diffusers' convention is [-1, 1]
+        return _run(self.ops, self.layers, x).mul(2).sub(1)  # TAESD outputs [0, 1]; diffusers' convention is [-1, 1]
 
 
 class AutoencoderTiny(nn.Module):
