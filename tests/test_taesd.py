@@ -157,8 +157,7 @@ def test_epilogues_are_the_plain_modules(preset):
 
     torch.manual_seed(0)
     model = AutoencoderTiny(TAESDConfig.preset(preset)).eval()
-    size = 32 if preset == "taesd" else 64
-    image = torch.rand(2, 3, size, size) * 2 - 1
+    image = torch.rand(2, 3, 32, 32) * 2 - 1  # small: the fp16 half runs in Triton's interpreter
     with torch.inference_mode():
         plain = model.encode(image), model.decode(model.encode(image))
         set_ops(model, dataclasses.replace(TORCH_OPS, taesd_epilogues=True))
