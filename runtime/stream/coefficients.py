@@ -70,7 +70,7 @@ class StepCoefficients:
     def __getitem__(self, steps: slice) -> "StepCoefficients":
         return StepCoefficients(**{name: getattr(self, name)[steps] for name in COLUMNS})
 
-    def per_frame(self, frames: int) -> "StepCoefficients":
+    def repeated(self, frames: int) -> "StepCoefficients":
         """Each step's entry repeated for the `frames` consecutive frames its slot holds (a device op: in a captured
         graph it reads the table's current values)."""
         if frames == 1:

@@ -85,7 +85,7 @@ class StreamDenoiser:
         residual noise `stock`); writes the advanced state back in place and returns the finished frames' denoised
         latents [F]. k and noise hold one entry per step (slot)."""
         n, f = k.timestep.shape[0], self.frames
-        rows = k.per_frame(f)
+        rows = k.repeated(f)
         x = torch.cat([x_new, state]) if n > 1 else x_new
         s = (torch.cat([stock_new, stock]) if n > 1 else stock_new) if self.residual else None
         guided, s = self.guided(x, rows, s, first=True)
@@ -103,7 +103,7 @@ class StreamDenoiser:
         n = k.timestep.shape[0]
         s = stock if self.residual else None
         for j in range(n):
-            kj = k[j : j + 1].per_frame(self.frames)
+            kj = k[j : j + 1].repeated(self.frames)
             guided, s = self.guided(x, kj, s, first=j == 0)
             denoised = self.consistency(x, guided, kj)
             if j + 1 < n:
