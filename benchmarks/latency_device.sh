@@ -54,7 +54,7 @@ kernels)
   ;;
 ablation)
   export TRITON_CACHE_DIR=/tmp/diffrt-cache
-  stage ablation ${ABLATION_S:-240} python3 benchmarks/ablation.py --archs "${ABLATION_ARCHS:-sd21}" --sizes "${ABLATION_SIZES:-512,1024}" --budget-s $(( ${ABLATION_S:-240} - 30 )) --commit "$C" --out "$OUT/ablation.json"
+  stage ablation ${ABLATION_S:-240} python3 benchmarks/ablation.py --archs "${ABLATION_ARCHS:-sd21}" --sizes "${ABLATION_SIZES:-512,1024}" ${ABLATION_VARIANTS:+--variants "$ABLATION_VARIANTS"} --budget-s $(( ${ABLATION_S:-240} - 30 )) --commit "$C" --out "$OUT/ablation.json"
   cat "$OUT/ablation.md" 2>/dev/null
   ;;
 profile)
