@@ -11,9 +11,9 @@ Variants (diffrt.models.ops records built from TRITON_OPS with one entry put bac
   - GroupNorm kernel        torch's GroupNorm + SiLU
   - channels-last           the kernels on NCHW tensors
   torch ops                 TORCH_OPS in NCHW: the graph replay of diffrt's reference modules
-  + fused projections       a candidate not yet on by default: attention's q/k/v (cross: k/v) in one GEMM each
-  + TAESD epilogues         a candidate not yet on by default: TAESD's bias, residual and ReLU in one pass, its
-                            upsampling on the kernel (TAESD's decode and encode are timed beside the KL VAE's)
+  - fused projections       attention's q/k/v (cross: k/v) as separate GEMMs, as diffusers runs them
+  - TAESD epilogues         TAESD's bias, ReLU and residual on torch's passes and its upsampling on torch's kernel
+                            (TAESD's decode and encode are timed beside the KL VAE's)
 
     python benchmarks/ablation.py --archs sd21 --sizes 512,1024 --out benchmarks/results/ablation_h200.json
 """
@@ -59,8 +59,8 @@ VARIANTS = {
     "- GroupNorm kernel": (dataclasses.replace(T, group_norm=ops.group_norm_torch), True),
     "- channels-last": (T, False),
     "torch ops": (ops.TORCH_OPS, False),
-    "+ fused projections": (dataclasses.replace(T, fuse_projections=True), True),
-    "+ TAESD epilogues": (dataclasses.replace(T, taesd_epilogues=True), True),
+    "- fused projections": (dataclasses.replace(T, fuse_projections=False), True),
+    "- TAESD epilogues": (dataclasses.replace(T, taesd_epilogues=False), True),
 }
 
 

@@ -22,8 +22,8 @@ EXPECTED = {
     "- GroupNorm kernel": (("group_norm",), True),
     "- channels-last": ((), False),
     "torch ops": (tuple(f for f in FIELDS if getattr(ops.TORCH_OPS, f) != getattr(ops.TRITON_OPS, f)), False),
-    "+ fused projections": (("fuse_projections",), True),
-    "+ TAESD epilogues": (("taesd_epilogues",), True),
+    "- fused projections": (("fuse_projections",), True),
+    "- TAESD epilogues": (("taesd_epilogues",), True),
 }
 
 

@@ -32,10 +32,12 @@ class Ops:
     geglu: Callable[[torch.Tensor], torch.Tensor]  # [..., 2 * D] -> h * gelu(gate), [..., D]
     upsample_nearest: Callable[..., torch.Tensor]  # (x [N, C, H, W], size or None for 2x) -> upsampled x
     # Attention's projections in one GEMM (q, k, v; k, v for cross-attention; diffrt.models.joint_linear) in
-    # inference. Off on both records until measured on the device (benchmarks/ablation.py "+ fused projections").
+    # inference. On in TRITON_OPS, where the H200 measured it (UNet step SDXL 512² -10%, SD2.1 -4%;
+    # benchmarks/ablation.py "- fused projections"); off in TORCH_OPS, which keeps diffusers' structure.
     fuse_projections: bool = False
     # TAESD's convolutions with their bias, ReLU and residual in one epilogue (bias_add) and its upsampling on
-    # upsample_nearest, as the KL VAE's already are. Off until measured (benchmarks/ablation.py "+ TAESD epilogues").
+    # upsample_nearest, as the KL VAE's already are. On in TRITON_OPS (TAESD decode and encode -35..41% on the H200;
+    # "- TAESD epilogues").
     taesd_epilogues: bool = False
 
 
@@ -203,7 +205,7 @@ TORCH_OPS = Ops(
 )
 TRITON_OPS = Ops(
     "triton", True, group_norm_triton, attention_triton, bias_add_triton, conv2d_triton, geglu_triton,
-    upsample_nearest_triton,
+    upsample_nearest_triton, fuse_projections=True, taesd_epilogues=True,
 )  # fmt: skip
 
 
