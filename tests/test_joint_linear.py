@@ -98,6 +98,25 @@ def test_layers_with_and_without_a_bias_run_one_by_one():
     torch.testing.assert_close(yb, b(x).detach())
 
 
+def test_the_text_encoders_projections_fused_are_the_layers_one_by_one():
+    """CLIP's q, k and v (with biases) in one GEMM: the same hidden states and pooled output."""
+    from diffrt.models.clip import CLIPAttention, CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    cfg = CLIPTextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, projection_dim=16)  # fmt: skip
+    plain = CLIPTextModel(cfg).eval()
+    fused = ops.set_ops(CLIPTextModel(cfg).eval(), FUSED)
+    fused.load_state_dict(plain.state_dict())
+    ids = torch.randint(0, 64, (2, 77), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        want, got = plain(ids), fused(ids)
+    for w, g in zip(want, got, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6)
+    attentions = [m for m in fused.modules() if isinstance(m, CLIPAttention)]
+    assert len(attentions) == 2 and all(m._qkv._linked() for m in attentions), "the joint GEMM ran"
+
+
 def test_a_pipeline_on_fused_projections_gives_the_same_image():
     """The tiny SD2.1 pipeline end to end (text encoder, UNet, VAE), eager, its attention's projections fused."""
     from diffrt.backends.eager import EagerBackend
@@ -110,6 +129,10 @@ def test_a_pipeline_on_fused_projections_gives_the_same_image():
     attentions = [m for m in fused.components.unet.modules() if isinstance(m, Attention)]
     assert attentions and all(m.ops.fuse_projections for m in attentions)
     assert any(m._qkv._linked() for m in attentions) and any(m._kv._linked() for m in attentions), "fused GEMMs ran"
+    from diffrt.models.clip import CLIPAttention
+
+    text = [m for m in fused.components.text_encoder.modules() if isinstance(m, CLIPAttention)]
+    assert text and all(m._qkv._linked() for m in text), "the text encoder's fused GEMMs ran"
 
 
 @pytest.mark.parametrize("context_dim", [None, 48], ids=["self-attention", "cross-attention"])

@@ -34,9 +34,10 @@ class CudaGraphBackend:
         device = next(components.unet.parameters()).device
         if device.type != "cuda":
             raise ValueError(f"the {self.name} backend runs on a CUDA device, not {device}; use backend='torch'")
-        for module in (components.unet, components.vae, *components.controlnets):
+        for module in components.modules().values():  # the text encoders read only ops.fuse_projections
             set_ops(module, self.ops)
-            if self.channels_last:
+        if self.channels_last:
+            for module in (components.unet, components.vae, *components.controlnets):
                 module.to(memory_format=torch.channels_last)
         encoder = TorchTextEncoder(components.text_encoder, components.text_encoder_2)
         return Roles(

@@ -19,7 +19,7 @@ class EagerBackend:
         self.name, self.ops = name, ops
 
     def roles(self, components: Components, dtype: torch.dtype) -> Roles:
-        for module in (components.unet, components.vae, *components.controlnets):
+        for module in components.modules().values():  # the text encoders read only ops.fuse_projections
             set_ops(module, self.ops)
         return Roles(
             text_encoder=TorchTextEncoder(components.text_encoder, components.text_encoder_2),

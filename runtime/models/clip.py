@@ -14,6 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffrt.models.joint_linear import JointLinear
+from diffrt.models.ops import TORCH_OPS
+
 ACTIVATIONS = ("quick_gelu", "gelu")
 
 # transformers' CLIPTextConfig defaults, used for keys a config.json leaves out.
@@ -128,6 +131,10 @@ class CLIPTextEmbeddings(nn.Module):
 
 
 class CLIPAttention(nn.Module):
+    # Only ops.fuse_projections is read here: at 77 tokens the text encoder is launch-bound, and one GEMM for q, k
+    # and v is two launches fewer per layer; attention stays on torch's SDPA (causal, short).
+    ops = TORCH_OPS  # per instance once diffrt.models.ops.set_ops has run
+
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
         c = config.hidden_size
@@ -136,13 +143,17 @@ class CLIPAttention(nn.Module):
         self.k_proj = nn.Linear(c, c)
         self.v_proj = nn.Linear(c, c)
         self.out_proj = nn.Linear(c, c)
+        self._qkv = JointLinear(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, c = x.shape
         shape = (b, s, self.heads, c // self.heads)
-        q = self.q_proj(x).view(shape).transpose(1, 2)
-        k = self.k_proj(x).view(shape).transpose(1, 2)
-        v = self.v_proj(x).view(shape).transpose(1, 2)
+        if self.ops.fuse_projections:
+            q, k, v = self._qkv(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        # [B, S, C] -> [B, H, S, D] as strided views (of the joint GEMM's output too); SDPA takes any strides
+        q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # default scale head_dim**-0.5, as CLIP's
         return self.out_proj(o.transpose(1, 2).reshape(b, s, c))
 
