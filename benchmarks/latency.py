@@ -79,6 +79,7 @@ def measure_diffrt(res: Results, arch: str, sizes, batches, runs, backend: str, 
         for size in sizes:
             for batch in batches:
                 if time.time() > deadline:
+                    print(f"budget spent: {arch} diffrt b{batch} {size}² and later cells not measured", flush=True)
                     return
                 cell = {"arch": arch, "impl": "diffrt", "batch": batch, "height": size, "width": size}
                 todo = [r for r in runs if not (tiny and r != "1 step")]  # TAESD: the 1-step row
@@ -122,10 +123,16 @@ def measure_peers(res: Results, arch: str, sizes, batches, runs, peers, deadline
         for size in sizes:
             for batch in batches:
                 cell = {"arch": arch, "impl": impl, "batch": batch, "height": size, "width": size}
-                if impl == "diffusers compile" and deadline - time.time() < COMPILE_RESERVE_S:
-                    continue  # a new size recompiles for minutes: do not start what the time box would kill
+                left = deadline - time.time()
+                if impl == "diffusers compile" and left < COMPILE_RESERVE_S:
+                    # a new size recompiles for minutes: do not start what the time box would kill, and say so
+                    print(f"budget: {arch} {impl} b{batch} {size}² not started ({left:.0f} s left, a compile needs"
+                          f" ~{COMPILE_RESERVE_S} s)", flush=True)  # fmt: skip
+                    continue
                 for run in runs:
                     if time.time() > deadline:
+                        print(f"budget spent: {arch} {impl} b{batch} {size}² e2e {run} and later cells not measured",
+                              flush=True)  # fmt: skip
                         return
                     if res.has(**cell, what=f"e2e {run}"):
                         continue
