@@ -14,7 +14,7 @@ from diffrt.models.ops import TRITON_OPS
 from diffrt.models.taesd import AutoencoderTiny, TAESDConfig
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
-WITHOUT = dataclasses.replace(TRITON_OPS, name="triton-candidates", fuse_projections=False, taesd_epilogues=False)
+WITHOUT = dataclasses.replace(TRITON_OPS, name="triton-previous", fuse_projections=False, taesd_epilogues=False)
 
 
 def pipeline(ops, taesd: bool) -> diffrt.Pipeline:
