@@ -1,10 +1,12 @@
-"""What every benchmark result row names: the GPU (or that there was none), driver, library versions, commit, date.
+"""What every benchmark result row names: the GPU (or that there was none), driver, library versions (the peers'
+too: diffusers, transformers, StreamDiffusion, ONNX Runtime, None where not installed), commit, date.
 
 The commit comes from `--commit` where given: a device machine's copy of the tree may carry stale git metadata (it
 once named the previous commit), so device calls pass the commit they run explicitly.
 """
 
 import datetime
+import importlib.metadata
 import subprocess
 
 import torch
@@ -15,6 +17,16 @@ def _command_output(cmd: list[str]) -> str:
         return subprocess.run(cmd, capture_output=True, text=True, check=False).stdout.strip()
     except OSError:
         return ""
+
+
+PEER_PACKAGES = ("diffusers", "transformers", "streamdiffusion", "onnxruntime-gpu", "onnxruntime")
+
+
+def _version(package: str) -> str | None:
+    try:  # the distribution's metadata, without importing it (diffusers takes seconds to import)
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def environment(commit: str | None = None) -> dict:
@@ -33,6 +45,7 @@ def environment(commit: str | None = None) -> dict:
         "torch": torch.__version__,
         "triton": triton_version,
         "cudnn": torch.backends.cudnn.version() if cuda else None,
+        **{package: _version(package) for package in PEER_PACKAGES},
         "commit": commit or _command_output(["git", "rev-parse", "HEAD"]) or "unknown",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
