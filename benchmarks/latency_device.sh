@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # One device call of the fast path's checks and latency harness, each stage time-boxed, logs and JSON under $OUT.
 # Carry .whl (../shared/tools/device_wheels.sh: diffusers for the peers). Phases, one call each:
-#   overhead: benchmarks/overhead.py (where an end-to-end call's time goes beyond its graph replays) for SD2.1 512²
-#          1 step and LCM 4 steps; the VAE decoder's error and time in fp32/bf16/fp16; the graph backend's GPU tests
+#   overhead: benchmarks/overhead.py (where an end-to-end call's time goes beyond its graph replays) at 512² for ARCH
+#          (default sd21) and RUNS (default 1 step and LCM 4 steps), with TAESD if TINY_VAE=1; then, unless EXTRAS=0,
+#          the VAE decoder's error and time in fp32/bf16/fp16 and the graph backend's GPU tests
+#   convs: benchmarks/conv_shapes.py (each convolution shape of the VAE decode and UNet step of ARCH, timed several
+#          ways) at CONV_SIZES (default 512,1024)
 #   check: the GPU tests of the graph backend, backends, samplers and attention; time to first image cold/warm;
 #          the harness for SD2.1 at 512 with every peer (a first ratio)
 #   sd21 / sdxl / sd15: the harness for that architecture at 256..2048, peers at 512 and 1024 (sd21 first runs the
@@ -39,10 +42,12 @@ check)
 overhead)
   export TRITON_CACHE_DIR=/tmp/diffrt-cache
   IFS=, read -ra runs <<< "${RUNS:-1 step,LCM 4 steps}"
+  arch=${ARCH:-sd21}; name=${arch}${TINY_VAE:+_taesd}
   for run in "${runs[@]}"; do
-    stage "overhead_${run// /_}" 150 python3 benchmarks/overhead.py --arch sd21 --size 512 --run "$run" --commit "$C" --out "$OUT/overhead_${run// /_}.json"
-    sed -n '1,40p' "$OUT/overhead_${run// /_}.log"
+    stage "overhead_${name}_${run// /_}" ${OVERHEAD_S:-150} python3 benchmarks/overhead.py --arch "$arch" --size 512 --run "$run" ${TINY_VAE:+--tiny-vae} --commit "$C" --out "$OUT/overhead_${name}_${run// /_}.json"
+    sed -n '1,60p' "$OUT/overhead_${name}_${run// /_}.log"
   done
+  [ "${EXTRAS:-1}" = 1 ] || exit 0
   stage vae_precision 120 python3 benchmarks/vae_precision.py --archs sdxl,sd21 --sizes 512,1024 --commit "$C" --out "$OUT/vae_precision.json"
   cat "$OUT/vae_precision.log"
   stage gpu_tests 150 python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_cuda_graph.py
@@ -52,6 +57,14 @@ kernels)
   # -x: the first failure prints its traceback at once (a stage's time box cuts pytest's closing summary).
   stage kernel_tests ${KERNEL_TESTS_S:-200} python3 -m pytest -q -x --tb=short -m gpu -p no:cacheprovider -s ${KERNEL_TESTS:-tests/test_bias_add.py tests/test_geglu.py tests/test_upsample.py tests/test_candidates_gpu.py tests/test_backends.py tests/test_cuda_graph.py}
   grep -E "max abs|passed|failed|Error" "$OUT/kernel_tests.log" | tail -n 25
+  ;;
+convs)
+  # benchmarks/conv_shapes.py: every convolution of the VAE decode and the UNet step by shape, against other ways of
+  # running it (cudnn.benchmark, NCHW, 1x1 as GEMM, a padded 3-channel output)
+  stage conv_tests 120 python3 -m pytest -q -x --tb=short -m gpu -p no:cacheprovider tests/test_conv_shapes.py
+  tail -n 3 "$OUT/conv_tests.log"
+  stage conv_shapes ${CONVS_S:-240} python3 benchmarks/conv_shapes.py --preset "${ARCH:-sd21}" --components "${CONV_COMPONENTS:-vae_decode,unet_step}" --sizes "${CONV_SIZES:-512,1024}" --commit "$C" --out "$OUT/conv_shapes_${ARCH:-sd21}.json"
+  cat "$OUT/conv_shapes.log"
   ;;
 ablation)
   export TRITON_CACHE_DIR=/tmp/diffrt-cache

@@ -137,6 +137,41 @@ def trace_gaps(pipe, request: GenerationRequest, calls: int, trace_path: str | N
     return calls_out
 
 
+def without_early_encode_ms(pipe, request: GenerationRequest, repeats: int) -> dict:
+    """The call with the text encoder launched after the checks, as before Pipeline.encode_early."""
+    pipe.encode_early = lambda request: {}
+    try:
+        return wall_ms(pipe, request, repeats)
+    finally:
+        del pipe.encode_early  # the method again
+
+
+def tokenizer_parts_us(pipe, repeats: int = 300) -> dict:
+    """Host µs (median) of the tokenizer's parts for the harness's prompt: the whole call, the `tokenizers` encode
+    alone, the id tensor's construction, and the pinned copy to the GPU (run 7 found the call ~7x slower on the
+    device's host than on the development machine)."""
+    from diffrt.plan import to_device_no_sync
+
+    tokenizer = pipe.tokenizers[0] or pipe.tokenizers[1]
+    rows = tokenizer([latency.PROMPT]).tolist()
+    parts = {
+        "tokenizer call": lambda: tokenizer([latency.PROMPT]),
+        "tokenizers encode": lambda: tokenizer._tok.encode(latency.PROMPT, add_special_tokens=False),
+        "id tensor": lambda: torch.tensor(rows, dtype=torch.int64),
+        "pinned copy": lambda: to_device_no_sync(torch.tensor(rows, dtype=torch.int64), pipe.device),
+    }
+    out = {}
+    for name, fn in parts.items():
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e6)
+        out[name] = statistics.median(times[repeats // 10 :])
+    torch.cuda.synchronize()
+    return out
+
+
 def syncs_of_one_call(pipe, request: GenerationRequest) -> list[str]:
     pipe.prompt_cache.clear()
     torch.cuda.synchronize()
@@ -157,10 +192,11 @@ def main() -> None:
     ap.add_argument("--run", default="1 step", choices=list(latency.RUNS))
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--commit", default=None)
+    ap.add_argument("--tiny-vae", action="store_true", help="decode with TAESD (TAESDXL) instead of the KL VAE")
     ap.add_argument("--trace", default=None, help="also write the chrome trace here")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    pipe = diffrt_pipeline(args.arch, tiny_vae=False, backend="cuda-graph")
+    pipe = diffrt_pipeline(args.arch, tiny_vae=args.tiny_vae, backend="cuda-graph")
     sampler, steps, guidance = latency.RUNS[args.run]
     request = GenerationRequest(latency.PROMPT, height=args.size, width=args.size, sampler=sampler, steps=steps,
                                 guidance_scale=guidance, output_type="pt", seed=1)  # fmt: skip
@@ -177,7 +213,9 @@ def main() -> None:
         "prompt cache kept (no text encoder)": wall_ms(pipe, request, args.repeats, keep_prompt=True),
         "caller's generator": wall_ms(pipe, request, args.repeats, generator=torch.Generator("cuda").manual_seed(1)),
         "resolved beforehand": resolved_only_ms(pipe, request, args.repeats),
+        "text encoder after the checks": without_early_encode_ms(pipe, request, args.repeats),
     }
+    tokenizer_us = tokenizer_parts_us(pipe)
     host_ms: dict[str, list[float]] = defaultdict(list)
     instrument(pipe, host_ms)
     wall_ms(pipe, request, args.repeats)
@@ -189,16 +227,18 @@ def main() -> None:
         "arch": args.arch,
         "size": args.size,
         "run": args.run,
+        "decoder": "TAESD" if args.tiny_vae else "KL VAE",
         "components_ms": {k: v["median_ms"] for k, v in components.items()},
         "component_sum_ms": component_sum,
         "end_to_end_ms": {k: v["median_ms"] for k, v in variants.items()},
         "host_stage_ms": stages,
+        "tokenizer_parts_us": tokenizer_us,
         "sync_warnings": syncs,
         "profiled_calls": gaps,
     }
     Path(args.out).write_text(json.dumps(out, indent=1))
-    print(json.dumps({k: out[k] for k in ("components_ms", "component_sum_ms", "end_to_end_ms", "host_stage_ms")},
-                     indent=1))  # fmt: skip
+    shown = ("components_ms", "component_sum_ms", "end_to_end_ms", "host_stage_ms", "tokenizer_parts_us")
+    print(json.dumps({k: out[k] for k in shown}, indent=1))
     print(f"{len(syncs)} synchronizing calls:", *syncs[:5], sep="\n  ")
     for call in gaps:
         print({k: v for k, v in call.items() if k != "gaps"})
