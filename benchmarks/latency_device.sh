@@ -44,7 +44,7 @@ overhead)
   IFS=, read -ra runs <<< "${RUNS:-1 step,LCM 4 steps}"
   arch=${ARCH:-sd21}; name=${arch}${TINY_VAE:+_taesd}
   for run in "${runs[@]}"; do
-    stage "overhead_${name}_${run// /_}" ${OVERHEAD_S:-150} python3 benchmarks/overhead.py --arch "$arch" --size 512 --run "$run" ${TINY_VAE:+--tiny-vae} --commit "$C" --out "$OUT/overhead_${name}_${run// /_}.json"
+    stage "overhead_${name}_${run// /_}" ${OVERHEAD_S:-150} python3 benchmarks/overhead.py --arch "$arch" --size 512 --run "$run" ${TINY_VAE:+--tiny-vae} --repeats ${OVERHEAD_REPEATS:-30} --commit "$C" --out "$OUT/overhead_${name}_${run// /_}.json"
     sed -n '1,60p' "$OUT/overhead_${name}_${run// /_}.log"
   done
   [ "${EXTRAS:-1}" = 1 ] || exit 0
