@@ -14,6 +14,8 @@ Variants (diffrt.models.ops records built from TRITON_OPS with one entry put bac
   - fused projections       attention's q/k/v (cross: k/v) as separate GEMMs, as diffusers runs them
   - TAESD epilogues         TAESD's bias, ReLU and residual on torch's passes and its upsampling on torch's kernel
                             (TAESD's decode and encode are timed beside the KL VAE's)
+  - fused residuals         the transformer blocks' residual adds as kernels of their own after torch's LayerNorm,
+                            instead of in the output projections' GEMMs (diffrt.kernels.layer_norm)
 
     python benchmarks/ablation.py --archs sd21 --sizes 512,1024 --out benchmarks/results/ablation_h200.json
 """
@@ -61,6 +63,7 @@ VARIANTS = {
     "torch ops": (ops.TORCH_OPS, False),
     "- fused projections": (dataclasses.replace(T, fuse_projections=False), True),
     "- TAESD epilogues": (dataclasses.replace(T, taesd_epilogues=False), True),
+    "- fused residuals": (dataclasses.replace(T, fuse_residuals=False), True),
 }
 
 

@@ -1,7 +1,7 @@
-"""The fast path's two latest optimizations (`-m gpu`, on the device): with attention's projections in one GEMM
-(ops.fuse_projections) and TAESD's epilogues (ops.taesd_epilogues), on by default since the H200 measured them, the
-CUDA-graph pipeline gives the images it gives without them within fp16 rounding, never NaN, at a square and a
-non-square size."""
+"""The fast path's latest optimizations (`-m gpu`, on the device): with attention's projections in one GEMM
+(ops.fuse_projections), TAESD's epilogues (ops.taesd_epilogues) and the transformer blocks' residuals added in their
+projections' GEMMs (ops.fuse_residuals), the CUDA-graph pipeline gives the images it gives without them within fp16
+rounding, never NaN, at a square and a non-square size."""
 
 import dataclasses
 
@@ -14,7 +14,9 @@ from diffrt.models.ops import TRITON_OPS
 from diffrt.models.taesd import AutoencoderTiny, TAESDConfig
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
-WITHOUT = dataclasses.replace(TRITON_OPS, name="triton-previous", fuse_projections=False, taesd_epilogues=False)
+WITHOUT = dataclasses.replace(
+    TRITON_OPS, name="triton-previous", fuse_projections=False, taesd_epilogues=False, fuse_residuals=False
+)
 
 
 def pipeline(ops, taesd: bool) -> diffrt.Pipeline:
@@ -34,7 +36,7 @@ def pipeline(ops, taesd: bool) -> diffrt.Pipeline:
 @pytest.mark.parametrize("taesd", [False, True], ids=["vae", "taesd"])
 @pytest.mark.parametrize("height,width", [(64, 64), (64, 96)])
 def test_the_fast_path_gives_the_images_it_gave_without_them(taesd, height, width):
-    assert TRITON_OPS.fuse_projections and TRITON_OPS.taesd_epilogues
+    assert TRITON_OPS.fuse_projections and TRITON_OPS.taesd_epilogues and TRITON_OPS.fuse_residuals
     kw = {"height": height, "width": width, "steps": 2, "seed": 4, "output_type": "pt"}
     want = pipeline(WITHOUT, taesd)("a photo of a cat", **kw).float()
     got = pipeline(TRITON_OPS, taesd)("a photo of a cat", **kw).float()

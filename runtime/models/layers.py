@@ -116,7 +116,10 @@ class Attention(nn.Module):
         self._qkv = JointLinear(self.to_q, self.to_k, self.to_v)
         self._kv = JointLinear(self.to_k, self.to_v)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """residual: [B, S, query_dim] holding the output projection's bias already, added in its GEMM (in place)."""
         b, h = x.shape[0], self.heads
         if not self.ops.fuse_projections:
             context = x if context is None else context
@@ -129,7 +132,7 @@ class Attention(nn.Module):
         # any strides, so no copy.
         q, k, v = (t.unflatten(-1, (h, -1)).transpose(1, 2) for t in (q, k, v))
         out = self.ops.attention(q, k, v).transpose(1, 2).reshape(b, x.shape[1], -1)
-        return self.to_out[0](out)
+        return self.to_out[0](out) if residual is None else add_linear(out, self.to_out[0], residual)
 
 
 class SpatialSelfAttention(Attention):
@@ -164,12 +167,24 @@ class FeedForward(nn.Module):
         super().__init__()
         self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](self.net[0](x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """residual: as Attention.forward's."""
+        h = self.net[0](x)
+        return self.net[2](h) if residual is None else add_linear(h, self.net[2], residual)
+
+
+def add_linear(x: torch.Tensor, linear: nn.Linear, residual: torch.Tensor) -> torch.Tensor:
+    """residual + x @ linear.weight^T, with the residual as the GEMM's C matrix (cuBLAS adds it in its epilogue),
+    written into `residual` (contiguous, which already holds linear's bias): no separate add kernel."""
+    out = residual.view(-1, residual.shape[-1])
+    torch.addmm(out, x.reshape(-1, x.shape[-1]), linear.weight.t(), out=out)
+    return residual
 
 
 class BasicTransformerBlock(nn.Module):
     """Pre-norm self-attention, cross-attention to the text, GEGLU feed-forward, each with a residual."""
+
+    ops = TORCH_OPS  # per instance once diffrt.models.ops.set_ops has run
 
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int):
         super().__init__()
@@ -181,9 +196,21 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        if not self.ops.fuse_residuals:
+            x = x + self.attn1(self.norm1(x))
+            x = x + self.attn2(self.norm2(x), context)
+            return x + self.ff(self.norm3(x))
+        # Each LayerNorm also writes x + the bias of its sublayer's output projection, whose GEMM then adds the
+        # sublayer's output to it in place: the same sums with no add kernel over the activation.
+        h, r = self._norm(self.norm1, x, self.attn1.to_out[0].bias)
+        x = self.attn1(h, residual=r)
+        h, r = self._norm(self.norm2, x, self.attn2.to_out[0].bias)
+        x = self.attn2(h, context, residual=r)
+        h, r = self._norm(self.norm3, x, self.ff.net[2].bias)
+        return self.ff(h, residual=r)
+
+    def _norm(self, norm: nn.LayerNorm, x: torch.Tensor, add: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.ops.layer_norm(x, norm.weight, norm.bias, norm.eps, add)
 
 
 class Transformer2DModel(nn.Module):

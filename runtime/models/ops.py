@@ -14,6 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def layer_norm_torch(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, add: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    y = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    return y if add is None else (y, (x + add).contiguous())
+
+
 @dataclass(frozen=True)
 class Ops:
     """The implementations one model calls; each takes and returns tensors in the layers' own layout."""
@@ -39,6 +46,11 @@ class Ops:
     # upsample_nearest, as the KL VAE's already are. On in TRITON_OPS (TAESD decode and encode -35..41% on the H200;
     # "- TAESD epilogues").
     taesd_epilogues: bool = False
+    # (x [..., C], weight, bias, eps, add [C] or None) -> LayerNorm over C, or (that, x + add) with add (contiguous)
+    layer_norm: Callable[..., torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = layer_norm_torch
+    # A transformer block's residual adds in its projections' GEMMs: each LayerNorm also writes x + the next output
+    # projection's bias, which that GEMM adds as its C matrix (diffrt.kernels.layer_norm). Off in TORCH_OPS.
+    fuse_residuals: bool = False
 
 
 def _per_channel(shift: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -146,6 +158,19 @@ def conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return bias_add_triton(F.conv2d(x, weight, None, *args), bias)
 
 
+def layer_norm_triton(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, add: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    same = all(t is None or t.dtype == x.dtype for t in (weight, bias, add))
+    if weight is None or bias is None or not (_on_kernels(x) and same):
+        return layer_norm_torch(x, weight, bias, eps, add)
+    from diffrt.kernels import layer_norm as kernel
+
+    if not kernel.supports(x):
+        return layer_norm_torch(x, weight, bias, eps, add)
+    return kernel.layer_norm(x, weight, bias, eps, add)
+
+
 def geglu_triton(hg: torch.Tensor) -> torch.Tensor:
     if not (_on_kernels(hg) and hg.is_contiguous()):
         return geglu_torch(hg)
@@ -205,7 +230,8 @@ TORCH_OPS = Ops(
 )
 TRITON_OPS = Ops(
     "triton", True, group_norm_triton, attention_triton, bias_add_triton, conv2d_triton, geglu_triton,
-    upsample_nearest_triton, fuse_projections=True, taesd_epilogues=True,
+    upsample_nearest_triton, fuse_projections=True, taesd_epilogues=True, layer_norm=layer_norm_triton,
+    fuse_residuals=True,
 )  # fmt: skip
 
 
