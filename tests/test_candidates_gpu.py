@@ -1,7 +1,10 @@
 """The fast path's latest optimizations (`-m gpu`, on the device): with attention's projections in one GEMM
 (ops.fuse_projections), TAESD's epilogues (ops.taesd_epilogues) and the transformer blocks' residuals added in their
-projections' GEMMs (ops.fuse_residuals), the CUDA-graph pipeline gives the images it gives without them within fp16
-rounding, never NaN, at a square and a non-square size."""
+projections' GEMMs (ops.fuse_residuals), the CUDA-graph pipeline is as close to the fp32 reference (torch ops, the same
+weights) as it is without them, never NaN, at a square and a non-square size. The first two give the same images bit
+for bit or nearly (the same dot products); the third rounds its residual sums in another order, which a random tiny
+model amplifies to a few hundredths in 0..1 either way (run 13, benchmarks/NOTES_kernels.md), so each is held to the
+reference rather than to the other."""
 
 import dataclasses
 
@@ -19,15 +22,13 @@ WITHOUT = dataclasses.replace(
 )
 
 
-def pipeline(ops, taesd: bool) -> diffrt.Pipeline:
-    pipe = diffrt.Pipeline.from_pretrained("tiny-sd21", device="cuda", dtype=torch.float16,
-                                           backend=CudaGraphBackend(ops))  # fmt: skip
+def pipeline(backend, taesd: bool, dtype=torch.float16) -> diffrt.Pipeline:
+    pipe = diffrt.Pipeline.from_pretrained("tiny-sd21", device="cuda", dtype=dtype, backend=backend)
     if taesd:
         torch.manual_seed(0)
         vae = AutoencoderTiny(TAESDConfig((16,) * 4, (16,) * 4, (1, 1, 1, 1), (1, 1, 1, 1)))
         components = dataclasses.replace(pipe.components, vae=vae)
-        pipe = diffrt.Pipeline.from_components(components, device="cuda", dtype=torch.float16,
-                                               backend=CudaGraphBackend(ops))  # fmt: skip
+        pipe = diffrt.Pipeline.from_components(components, device="cuda", dtype=dtype, backend=backend)
     return pipe
 
 
@@ -35,12 +36,14 @@ def pipeline(ops, taesd: bool) -> diffrt.Pipeline:
 @gpu
 @pytest.mark.parametrize("taesd", [False, True], ids=["vae", "taesd"])
 @pytest.mark.parametrize("height,width", [(64, 64), (64, 96)])
-def test_the_fast_path_gives_the_images_it_gave_without_them(taesd, height, width):
+def test_the_fast_path_is_as_close_to_fp32_as_without_them(taesd, height, width):
     assert TRITON_OPS.fuse_projections and TRITON_OPS.taesd_epilogues and TRITON_OPS.fuse_residuals
     kw = {"height": height, "width": width, "steps": 2, "seed": 4, "output_type": "pt"}
-    want = pipeline(WITHOUT, taesd)("a photo of a cat", **kw).float()
-    got = pipeline(TRITON_OPS, taesd)("a photo of a cat", **kw).float()
+    reference = pipeline("torch", taesd, torch.float32)("a photo of a cat", **kw).float()
+    without = pipeline(CudaGraphBackend(WITHOUT), taesd)("a photo of a cat", **kw).float()
+    got = pipeline(CudaGraphBackend(TRITON_OPS), taesd)("a photo of a cat", **kw).float()
     assert torch.isfinite(got).all() and got.std() > 1e-3
-    diff = (got - want).abs().max().item()
-    print(f"taesd={taesd} {height}x{width}: max abs difference in 0..1 {diff:.4f}")
-    assert diff <= 4 / 255, diff
+    err, err_without = ((x - reference).abs().max().item() for x in (got, without))
+    print(f"taesd={taesd} {height}x{width}: max abs error in 0..1 against fp32 {err:.4f}, without them "
+          f"{err_without:.4f}, difference {(got - without).abs().max().item():.4f}")  # fmt: skip
+    assert err <= 1.25 * err_without + 2 / 255, (err, err_without)
