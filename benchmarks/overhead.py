@@ -137,15 +137,6 @@ def trace_gaps(pipe, request: GenerationRequest, calls: int, trace_path: str | N
     return calls_out
 
 
-def without_early_encode_ms(pipe, request: GenerationRequest, repeats: int) -> dict:
-    """The call with the text encoder launched after the checks, as before Pipeline.encode_early."""
-    pipe.encode_early = lambda request: {}
-    try:
-        return wall_ms(pipe, request, repeats)
-    finally:
-        del pipe.encode_early  # the method again
-
-
 def tokenizer_parts_us(pipe, repeats: int = 300) -> dict:
     """Host µs (median) of the tokenizer's parts for the harness's prompt: the whole call, the `tokenizers` encode
     alone, the id tensor's construction, and the pinned copy to the GPU (run 7 found the call ~7x slower on the
@@ -213,7 +204,6 @@ def main() -> None:
         "prompt cache kept (no text encoder)": wall_ms(pipe, request, args.repeats, keep_prompt=True),
         "caller's generator": wall_ms(pipe, request, args.repeats, generator=torch.Generator("cuda").manual_seed(1)),
         "resolved beforehand": resolved_only_ms(pipe, request, args.repeats),
-        "text encoder after the checks": without_early_encode_ms(pipe, request, args.repeats),
     }
     tokenizer_us = tokenizer_parts_us(pipe)
     host_ms: dict[str, list[float]] = defaultdict(list)

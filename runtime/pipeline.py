@@ -15,7 +15,6 @@ from diffrt.backends import Backend, default_backend, make_backend
 from diffrt.components import Components
 from diffrt.images import to_output
 from diffrt.model_spec import ModelSpec, spec_of
-from diffrt.models.text_conditioning import check_clip_skip
 from diffrt.plan import GenerationPlan, make_plan, to_device_no_sync
 from diffrt.prompt_cache import PromptCache
 from diffrt.request import GenerationRequest, GenerationResult, memory_key, resolve_request
@@ -217,34 +216,9 @@ class Pipeline:
         return resolve_request(request, self.spec, device=self.device, dtype=self.dtype, weights_resident=True,
                                known_to_fit=self._ran)  # fmt: skip
 
-    def plan(
-        self, request: GenerationRequest, generator: torch.Generator | None = None, encoded: dict | None = None
-    ) -> GenerationPlan:
-        """The host's part of a resolved request: schedule, conditioning, seed and starting latents. encoded:
-        {(prompts, clip_skip): embeddings} already computed for this request (`encode_early`)."""
-        encoded = encoded or {}
-
-        def prompt_embeddings(prompts: list[str], clip_skip: int | None):
-            key = (tuple(prompts), clip_skip)
-            return encoded[key] if key in encoded else self.encode_prompt(prompts, clip_skip)
-
-        return make_plan(request, self.spec, prompt_embeddings, self.roles.codec, self.device, self.dtype, generator)
-
-    def encode_early(self, request: GenerationRequest) -> dict:
-        """{(prompts, clip_skip): embeddings} of an unresolved request of one well-formed prompt, else {} (lists
-        of prompts, whose encoding could be large, wait for the checks; resolving reports what is wrong). Called
-        before the checks so that the text encoder's device work runs while the host checks and plans the rest: on
-        the H200's host those took ~0.5 ms that the GPU waited for before its first launch (benchmarks/
-        NOTES_latency.md, runs 7 and 10). A request that then fails its checks has cost one prompt's encoding."""
-        prompt = request.prompt
-        prompts = [prompt] if isinstance(prompt, str) else prompt if isinstance(prompt, list) else None
-        if not (prompts and len(prompts) == 1 and isinstance(prompts[0], str)):
-            return {}
-        try:
-            check_clip_skip(request.clip_skip, self.spec.deepest_clip_skip)
-        except ValueError:
-            return {}
-        return {(tuple(prompts), request.clip_skip): self.encode_prompt(prompts, request.clip_skip)}
+    def plan(self, request: GenerationRequest, generator: torch.Generator | None = None) -> GenerationPlan:
+        """The host's part of a resolved request: schedule, conditioning, seed and starting latents."""
+        return make_plan(request, self.spec, self.encode_prompt, self.roles.codec, self.device, self.dtype, generator)
 
     @torch.inference_mode()
     def generate(
@@ -253,16 +227,14 @@ class Pipeline:
         """Generate what `request` asks for. generator: noise from it instead of a new one seeded with the
         request's seed (a CPU generator reproduces diffusers' numbers on any device). callback(step, latents,
         denoised) after every step (a backend that replays graphs calls it after the run)."""
-        # 1. The prompt's text encoding, launched first: the device encodes while the host does steps 2 and 3.
-        encoded = self.encode_early(request)
-        # 2. Resolve and check the request (host; raises before any other work).
+        # 1. Resolve and check the request (host; raises before any work).
         asked, request = request, self.resolve(request)
-        # 3. Plan on the host: schedule, conditioning, noise, static shapes.
-        plan = self.plan(request, generator, encoded)
-        # 4. Run the plan on the device, with no host sync: the sampler loop, then the decode.
+        # 2. Plan on the host: schedule, conditioning, noise, static shapes.
+        plan = self.plan(request, generator)
+        # 3. Run the plan on the device, with no host sync: the sampler loop, then the decode.
         images, latents = self.backend.run(plan, self.roles, callback)
         self._ran[memory_key(request, self.spec, asked.vae_tile)] = request.vae_tile
-        # 5. Post-process into the requested output type (the device-to-host copy happens here).
+        # 4. Post-process into the requested output type (the device-to-host copy happens here).
         return GenerationResult(to_output(images, request.output_type), latents, plan.seed)
 
     def __call__(
