@@ -16,6 +16,8 @@ Variants (diffrt.models.ops records built from TRITON_OPS with one entry put bac
                             (TAESD's decode and encode are timed beside the KL VAE's)
   - fused residuals         the transformer blocks' residual adds as kernels of their own after torch's LayerNorm,
                             instead of in the output projections' GEMMs (diffrt.kernels.layer_norm)
+  + GroupNorm statistics    a candidate, off by default: each ResNet block's residual add also takes its output's
+                            GroupNorm statistics, and the GroupNorm after it skips its own pass (ops.group_stats)
 
     python benchmarks/ablation.py --archs sd21 --sizes 512,1024 --out benchmarks/results/ablation_h200.json
 """
@@ -64,6 +66,7 @@ VARIANTS = {
     "- fused projections": (dataclasses.replace(T, fuse_projections=False), True),
     "- TAESD epilogues": (dataclasses.replace(T, taesd_epilogues=False), True),
     "- fused residuals": (dataclasses.replace(T, fuse_residuals=False), True),
+    "+ GroupNorm statistics": (dataclasses.replace(T, group_stats=True), True),
 }
 
 

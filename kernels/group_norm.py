@@ -15,6 +15,8 @@ Two algorithms:
   left in L2.
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -22,6 +24,7 @@ import triton.language as tl
 
 from diffrt.kernels._autotune import INTERPRET as _INTERPRET
 from diffrt.kernels._autotune import autotune as _autotune
+from diffrt.kernels.bias_add import bias_add, bias_add_reference
 
 # Above this many elements per group the "split" algorithm is used (see _choose_algorithm).
 FUSED_MAX_GROUP_ELEMENTS = 16384
@@ -144,13 +147,17 @@ def _group_norm_fused_kernel(
             tl.store(hs_base + offs, h.to(HSUM.dtype.element_ty), mask=mask)
 
 
-@_autotune(_NCHW_CONFIGS + _NHWC_CONFIGS, key=["C", "S", "SPLIT", "sxc"], prune=_prune_by_layout)
+# With WRITE_H the kernel writes h into H, which may be X itself (in place): autotuning restores it between runs.
+@_autotune(_NCHW_CONFIGS + _NHWC_CONFIGS, key=["C", "S", "SPLIT", "sxc", "WRITE_H"], prune=_prune_by_layout,
+           restore=("H",))  # fmt: skip
 @triton.jit
 def _group_norm_stats_kernel(
     X,  # [N, C, S] input (strides as in the fused kernel)
     R,  # [N, C, S] residual, or X when unused
     PMEAN,  # [N, SPLIT, C] fp32 out: per-channel mean of each spatial chunk
     PM2,  # [N, SPLIT, C] fp32 out: per-channel sum of squared deviations of each chunk
+    BIAS,  # [C] added to x with the residual when WRITE_H, or X when unused
+    H,  # [N, C, S] out when WRITE_H: h = (x + residual + bias) * scale, x's strides; else X
     sxn,  # x sample stride
     sxc,  # x channel stride
     sxs,  # x spatial stride
@@ -161,8 +168,10 @@ def _group_norm_stats_kernel(
     S,  # spatial size
     SPLIT,  # spatial chunks per sample
     CHUNK,  # spatial positions per chunk (the last one may be shorter)
+    scale,  # multiplies h when WRITE_H
     HAS_RES: tl.constexpr,  # residual given
     C_INNER: tl.constexpr,  # channels-last memory order
+    WRITE_H: tl.constexpr,  # the producer's epilogue: add the bias, scale, store h, and take h's statistics
     BLOCK_S: tl.constexpr,  # spatial positions per tile
     BLOCK_C: tl.constexpr,  # channels per program
 ):
@@ -183,6 +192,9 @@ def _group_norm_stats_kernel(
     r_base = R + n.to(tl.int64) * srn
     start = sp * CHUNK
     end = tl.minimum(S, start + CHUNK)
+    bias = tl.zeros([BLOCK_C], tl.float32)
+    if WRITE_H:
+        bias = tl.load(BIAS + c, mask=c_ok, other=0.0).to(tl.float32)
 
     if C_INNER:
         # Channels-last tiles [rows, channels] would need a cross-warp (shared-memory) reduction over rows every
@@ -194,9 +206,14 @@ def _group_norm_stats_kernel(
             s = s0 + rows
             row_ok = s < end
             mask = row_ok[:, None] & c_ok[None, :]
-            h = tl.load(x_base + s[:, None] * sxs + c[None, :] * sxc, mask=mask, other=0.0).to(tl.float32)
+            offs = s[:, None] * sxs + c[None, :] * sxc
+            h = tl.load(x_base + offs, mask=mask, other=0.0).to(tl.float32)
             if HAS_RES:
                 h += tl.load(r_base + s[:, None] * srs + c[None, :] * src, mask=mask, other=0.0).to(tl.float32)
+            if WRITE_H:  # the statistics of h as stored, rounded to its dtype, which is what a GroupNorm reads
+                h = ((h + bias[None, :]) * scale).to(H.dtype.element_ty)
+                tl.store(H + n.to(tl.int64) * sxn + offs, h, mask=mask)
+                h = h.to(tl.float32)
             n_row += row_ok.to(tl.float32)
             inv = 1.0 / tl.maximum(n_row, 1.0)
             delta = tl.where(mask, h - mean, 0.0)
@@ -215,9 +232,14 @@ def _group_norm_stats_kernel(
         for s0 in range(start, end, BLOCK_S):
             s = s0 + rows
             mask = (s < end)[:, None] & c_ok[None, :]
-            h = tl.load(x_base + s[:, None] * sxs + c[None, :] * sxc, mask=mask, other=0.0).to(tl.float32)
+            offs = s[:, None] * sxs + c[None, :] * sxc
+            h = tl.load(x_base + offs, mask=mask, other=0.0).to(tl.float32)
             if HAS_RES:
                 h += tl.load(r_base + s[:, None] * srs + c[None, :] * src, mask=mask, other=0.0).to(tl.float32)
+            if WRITE_H:
+                h = ((h + bias[None, :]) * scale).to(H.dtype.element_ty)
+                tl.store(H + n.to(tl.int64) * sxn + offs, h, mask=mask)
+                h = tl.where(mask, h.to(tl.float32), 0.0)
             nb = tl.minimum(end - s0, BLOCK_S).to(tl.float32)
             mb = tl.sum(h, 0) / nb
             d = tl.where(mask, h - mb[None, :], 0.0)
@@ -377,6 +399,15 @@ def _num_splits(n: int, c: int, s: int, channels_last: bool, device: torch.devic
     return max(1, min(want, MAX_SPLITS_NCHW, triton.cdiv(s, MIN_SPLIT_ROWS)))
 
 
+def _partials(n: int, c: int, s: int, channels_last: bool, device: torch.device) -> tuple:
+    """(split, chunk, mean, M2 buffers [N, split, C] fp32) of the split path's statistics for this shape."""
+    split = _num_splits(n, c, s, channels_last, device)
+    chunk = triton.cdiv(s, split)
+    split = triton.cdiv(s, chunk)
+    pmean = torch.empty((n, split, c), device=device, dtype=torch.float32)
+    return split, chunk, pmean, torch.empty_like(pmean)
+
+
 def _check_inputs(x, num_groups, weight, bias, residual, return_sum) -> None:
     allowed = (torch.float32, torch.float16, torch.bfloat16)
     if not isinstance(x, torch.Tensor):
@@ -436,6 +467,64 @@ def _flat_strides(t: torch.Tensor, name: str) -> tuple[int, int, int]:
     return v.stride()
 
 
+@dataclass(frozen=True)
+class GroupStats:
+    """Per-chunk channel statistics of one tensor as its producer wrote it (`bias_add_with_stats`): what the split
+    path's stats kernel would compute, so that group_norm skips that pass over the tensor."""
+
+    pmean: torch.Tensor  # [N, SPLIT, C] fp32
+    pm2: torch.Tensor  # [N, SPLIT, C] fp32
+    split: int
+    chunk: int
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    data_ptr: int
+
+    def fits(self, x: torch.Tensor) -> bool:
+        """Whether these are x's: the same memory, shape and strides (a different tensor never reuses them)."""
+        return (x.data_ptr(), tuple(x.shape), x.stride()) == (self.data_ptr, self.shape, self.strides)
+
+
+def bias_add_with_stats(
+    x: torch.Tensor,
+    bias: torch.Tensor,
+    residual: torch.Tensor | None,
+    num_groups: int,
+    scale: float = 1.0,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, GroupStats | None]:
+    """h = (x + bias + residual) * scale (fp32 arithmetic, written into `out`, x allowed; else a new tensor in x's
+    layout), with h's statistics for a GroupNorm of `num_groups` groups that runs the split path next (None when it
+    would run the fused one, whose single pass needs none). One pass of the split path's stats kernel does both."""
+    _check_inputs(x, num_groups, None, bias, residual, False)
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    h = torch.empty_like(x) if out is None else out
+    if h.shape != x.shape or h.dtype != x.dtype or h.stride() != x.stride():
+        raise ValueError(f"out must have x's shape {tuple(x.shape)}, dtype and strides")
+    n, c = x.shape[:2]
+    s = x[0, 0].numel() if x.numel() else 0
+    sx = _flat_strides(x, "x")
+    sr = _flat_strides(residual, "residual") if residual is not None else (0, 0, 0)
+    if _choose_algorithm(n, c, num_groups, s) == "fused" or not x.numel():
+        if not x.numel():
+            return h, None
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            return bias_add(x, bias, residual, scale, out=h), None
+        return h.copy_(bias_add_reference(x, bias, residual, scale)), None
+    c_inner = sx[1] == 1
+    split, chunk, pmean, pm2 = _partials(n, c, s, c_inner, x.device)
+
+    def grid(meta):
+        return (n * split * triton.cdiv(c, meta["BLOCK_C"]),)
+
+    _group_norm_stats_kernel[grid](
+        x, residual if residual is not None else x, pmean, pm2, bias, h, *sx, *sr, c, s, split, chunk, float(scale),
+        HAS_RES=residual is not None, C_INNER=c_inner, WRITE_H=True,
+    )  # fmt: skip
+    return h, GroupStats(pmean, pm2, split, chunk, tuple(h.shape), h.stride(), h.data_ptr())
+
+
 def group_norm(
     x: torch.Tensor,
     num_groups: int,
@@ -448,13 +537,15 @@ def group_norm(
     return_sum: bool = False,
     algorithm: str = "auto",
     out: torch.Tensor | None = None,
+    stats: GroupStats | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """silu?(group_norm(x + residual?)), same shape, dtype and memory format as x (or written into `out`).
 
     residual has x's shape, or is per-channel ([N, C, 1, 1], e.g. the ResNet block's time embedding). With
     return_sum=True the kernel also writes x + residual and returns (y, x + residual). algorithm is "auto",
     "fused" or "split" (see the module docstring); the first call per shape autotunes, so call once before
-    capturing a CUDA graph.
+    capturing a CUDA graph. stats: x's statistics from its producer (`bias_add_with_stats`), used by the split path
+    in place of its own pass over x when they are x's and there is no residual.
     """
     _check_inputs(x, num_groups, weight, bias, residual, return_sum)
     if algorithm not in ("auto", "fused", "split"):
@@ -494,20 +585,20 @@ def group_norm(
         return (y, hsum) if return_sum else y
 
     c_inner = sx[1] == 1
-    split = _num_splits(n, c, s, c_inner, x.device)
-    chunk = triton.cdiv(s, split)
-    split = triton.cdiv(s, chunk)
-    pmean = torch.empty((n, split, c), device=x.device, dtype=torch.float32)
-    pm2 = torch.empty_like(pmean)
     scale = torch.empty((n, c), device=x.device, dtype=torch.float32)
     shift = torch.empty_like(scale)
+    if stats is not None and stats.fits(x) and residual is None:  # x's statistics came with it from its producer
+        pmean, pm2, split, chunk = stats.pmean, stats.pm2, stats.split, stats.chunk
+    else:
+        split, chunk, pmean, pm2 = _partials(n, c, s, c_inner, x.device)
 
-    def stats_grid(meta):
-        return (n * split * triton.cdiv(c, meta["BLOCK_C"]),)
+        def stats_grid(meta):
+            return (n * split * triton.cdiv(c, meta["BLOCK_C"]),)
 
-    _group_norm_stats_kernel[stats_grid](
-        x, r, pmean, pm2, *sx, *sr, c, s, split, chunk, HAS_RES=residual is not None, C_INNER=c_inner
-    )
+        _group_norm_stats_kernel[stats_grid](
+            x, r, pmean, pm2, x, x, *sx, *sr, c, s, split, chunk, 1.0,
+            HAS_RES=residual is not None, C_INNER=c_inner, WRITE_H=False,
+        )  # fmt: skip
     _group_norm_finalize_kernel[(n * g,)](
         pmean, pm2, weight if weight is not None else pmean, bias if bias is not None else pmean, scale, shift,
         c, s, g, c // g, split, chunk, float((c // g) * s), eps,

@@ -25,6 +25,7 @@ EXPECTED = {
     "- fused projections": (("fuse_projections",), True),
     "- TAESD epilogues": (("taesd_epilogues",), True),
     "- fused residuals": (("fuse_residuals",), True),
+    "+ GroupNorm statistics": (("group_stats",), True),
 }
 
 
@@ -34,7 +35,14 @@ def test_each_variant_switches_off_only_what_it_names(name):
     changed = {f for f in FIELDS if getattr(variant, f) != getattr(ops.TRITON_OPS, f)}
     fields, layout = EXPECTED[name]
     assert changed == set(fields) and channels_last == layout
-    for f in changed - {"fold_bias", "attention", "fuse_projections", "taesd_epilogues", "fuse_residuals"}:  # torch's
+    for f in changed - {
+        "fold_bias",
+        "attention",
+        "fuse_projections",
+        "taesd_epilogues",
+        "fuse_residuals",
+        "group_stats",
+    }:
         assert getattr(variant, f) == getattr(ops.TORCH_OPS, f), f"{name}: {f}"
 
 

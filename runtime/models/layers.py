@@ -89,6 +89,8 @@ class ResnetBlock2D(nn.Module):
         bias = self.conv2.bias
         if self.conv_shortcut is not None:
             x, bias = self.conv_shortcut.unbiased(x), _bias_sum(bias, self.conv_shortcut.bias)
+        if self.ops.group_stats:  # the output's statistics for the next GroupNorm (the next block's norm1)
+            return self.ops.bias_add_stats(h, bias, x, 1.0 / self.output_scale_factor, self.norm2.num_groups)
         return self.ops.bias_add(h, bias, x, 1.0 / self.output_scale_factor)
 
 

@@ -21,6 +21,23 @@ def layer_norm_torch(
     return y if add is None else (y, (x + add).contiguous())
 
 
+def bias_add_torch(
+    x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None, scale: float = 1.0,
+    relu: bool = False,
+) -> torch.Tensor:  # fmt: skip
+    y = x if bias is None else x + bias.view(-1, *[1] * (x.dim() - 2))
+    if residual is not None:
+        y = residual + y
+    y = y if scale == 1.0 else y * scale
+    return F.relu(y) if relu else y
+
+
+def bias_add_stats_torch(
+    x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None, scale: float, num_groups: int
+) -> torch.Tensor:
+    return bias_add_torch(x, bias, residual, scale)  # torch's GroupNorm takes no statistics
+
+
 @dataclass(frozen=True)
 class Ops:
     """The implementations one model calls; each takes and returns tensors in the layers' own layout."""
@@ -46,6 +63,12 @@ class Ops:
     # upsample_nearest, as the KL VAE's already are. On in TRITON_OPS (TAESD decode and encode -35..41% on the H200;
     # "- TAESD epilogues").
     taesd_epilogues: bool = False
+    # The ResNet block's residual add also takes its output's statistics for the GroupNorm that reads it next
+    # (bias_add_stats; kernels/group_norm.py bias_add_with_stats), which then skips its own pass over it. Off in
+    # both records until the H200 has measured it (benchmarks/ablation.py "+ GroupNorm statistics").
+    group_stats: bool = False
+    # (x, bias, residual, scale, num_groups) -> bias_add's result, carrying its statistics where it can
+    bias_add_stats: Callable[..., torch.Tensor] = bias_add_stats_torch
     # (x [..., C], weight, bias, eps, add [C] or None) -> LayerNorm over C, or (that, x + add) with add (contiguous)
     layer_norm: Callable[..., torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = layer_norm_torch
     # A transformer block's residual adds in its projections' GEMMs: each LayerNorm also writes x + the next output
@@ -69,17 +92,6 @@ def group_norm_torch(
 ) -> torch.Tensor:
     y = F.group_norm(x if shift is None else x + _per_channel(shift, x), num_groups, weight, bias, eps)
     return F.silu(y) if silu else y
-
-
-def bias_add_torch(
-    x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None, scale: float = 1.0,
-    relu: bool = False,
-) -> torch.Tensor:  # fmt: skip
-    y = x if bias is None else x + bias.view(-1, *[1] * (x.dim() - 2))
-    if residual is not None:
-        y = residual + y
-    y = y if scale == 1.0 else y * scale
-    return F.relu(y) if relu else y
 
 
 def geglu_torch(hg: torch.Tensor) -> torch.Tensor:
@@ -135,7 +147,8 @@ def group_norm_triton(
     if shift is not None:
         residual = _per_channel(shift, x)
         residual = residual.expand(x.shape[0], *residual.shape[1:])
-    return kernel(x, num_groups, weight, bias, eps, silu=silu, residual=residual)
+    stats = x.__dict__.pop(_GROUP_STATS, None)  # from bias_add_stats_triton, if x came from there
+    return kernel(x, num_groups, weight, bias, eps, silu=silu, residual=residual, stats=stats)
 
 
 def bias_add_triton(
@@ -149,6 +162,28 @@ def bias_add_triton(
     if not kernel.supports(x, residual):
         return bias_add_torch(x, bias, residual, scale, relu)
     return kernel.bias_add(x, bias, residual, scale, out=x, relu=relu)  # a fresh convolution output: in place
+
+
+# The attribute under which a tensor carries its GroupNorm statistics from its producer to the GroupNorm that reads it
+# (group_norm_triton takes them off, so each is used once, and only while the tensor's memory and shape are theirs).
+_GROUP_STATS = "_diffrt_group_stats"
+
+
+def bias_add_stats_triton(
+    x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None, scale: float, num_groups: int
+) -> torch.Tensor:
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    if bias is None or not (_on_kernels(x) and channels_last and bias.dtype == x.dtype):
+        return bias_add_triton(x, bias, residual, scale)
+    from diffrt.kernels import bias_add as epilogue
+    from diffrt.kernels.group_norm import bias_add_with_stats
+
+    if not epilogue.supports(x, residual):
+        return bias_add_triton(x, bias, residual, scale)
+    h, stats = bias_add_with_stats(x, bias, residual, num_groups, scale, out=x)  # a fresh convolution output
+    if stats is not None:
+        setattr(h, _GROUP_STATS, stats)
+    return h
 
 
 def conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *args) -> torch.Tensor:
@@ -230,8 +265,8 @@ TORCH_OPS = Ops(
 )
 TRITON_OPS = Ops(
     "triton", True, group_norm_triton, attention_triton, bias_add_triton, conv2d_triton, geglu_triton,
-    upsample_nearest_triton, fuse_projections=True, taesd_epilogues=True, layer_norm=layer_norm_triton,
-    fuse_residuals=True,
+    upsample_nearest_triton, fuse_projections=True, taesd_epilogues=True, bias_add_stats=bias_add_stats_triton,
+    layer_norm=layer_norm_triton, fuse_residuals=True,
 )  # fmt: skip
 
 
