@@ -18,6 +18,8 @@ Variants (diffrt.models.ops records built from TRITON_OPS with one entry put bac
                             instead of in the output projections' GEMMs (diffrt.kernels.layer_norm)
   + GroupNorm statistics    a candidate, off by default: each ResNet block's residual add also takes its output's
                             GroupNorm statistics, and the GroupNorm after it skips its own pass (ops.group_stats)
+  + text encoder residuals  a candidate, off by default: the CLIP layers' residuals in their GEMMs, as the UNet's
+                            (ops.fuse_text_residuals; the text encoder(s) are timed beside the UNet and the VAEs)
 
     python benchmarks/ablation.py --archs sd21 --sizes 512,1024 --out benchmarks/results/ablation_h200.json
 """
@@ -67,12 +69,19 @@ VARIANTS = {
     "- TAESD epilogues": (dataclasses.replace(T, taesd_epilogues=False), True),
     "- fused residuals": (dataclasses.replace(T, fuse_residuals=False), True),
     "+ GroupNorm statistics": (dataclasses.replace(T, group_stats=True), True),
+    "+ text encoder residuals": (dataclasses.replace(T, fuse_text_residuals=True), True),
 }
 
 
 def measure(res: Results, arch: str, sizes: list[int], variants: list[str], deadline: float) -> None:
     pipe = Pipeline.from_pretrained(arch, device="cuda", dtype=torch.float16, backend="cuda-graph")
     unet, vae = pipe.components.unet, pipe.components.vae
+    c = pipe.components
+    text_encoders = [m for m in (c.text_encoder, c.text_encoder_2) if m is not None]
+    encoder = pipe.roles.text_encoder.encoder  # the graphed role's inner one: graph_replay_ms captures it itself
+    tokenizer, tokenizer_2 = pipe.tokenizers
+    ids = tokenizer([latency.PROMPT]).cuda() if tokenizer is not None else None
+    ids_2 = tokenizer_2([latency.PROMPT]).cuda() if tokenizer_2 is not None else None
     taesd = AutoencoderTiny(TAESDConfig.preset("taesdxl" if pipe.spec.sdxl else "taesd")).eval()
     taesd.to("cuda", torch.float16).to(memory_format=torch.channels_last).requires_grad_(False)
     for size in sizes:
@@ -81,6 +90,7 @@ def measure(res: Results, arch: str, sizes: list[int], variants: list[str], dead
         )
         plan = pipe.plan(pipe.resolve(request))
         calls = {  # what -> the call timed
+            "text_encoder": functools.partial(encoder, ids, ids_2),
             "unet_step": functools.partial(
                 pipe.roles.denoiser, plan.latents, torch.tensor(999.0, device="cuda"), plan.cond
             ),  # fmt: skip
@@ -99,11 +109,15 @@ def measure(res: Results, arch: str, sizes: list[int], variants: list[str], dead
             layout = torch.channels_last if channels_last else torch.contiguous_format
             for module in (unet, vae, taesd):
                 ops.set_ops(module, variant).to(memory_format=layout)
+            for module in text_encoders:
+                ops.set_ops(module, variant)
             with torch.inference_mode():
                 for what, call in calls.items():
                     res.add(**cell, what=what, **latency.graph_replay_ms(call))
     for module in (unet, vae, taesd):  # back to the fast path's own choice
         ops.set_ops(module, T).to(memory_format=torch.channels_last)
+    for module in text_encoders:
+        ops.set_ops(module, T)
 
 
 def report(path: str) -> None:

@@ -26,6 +26,7 @@ EXPECTED = {
     "- TAESD epilogues": (("taesd_epilogues",), True),
     "- fused residuals": (("fuse_residuals",), True),
     "+ GroupNorm statistics": (("group_stats",), True),
+    "+ text encoder residuals": (("fuse_text_residuals",), True),
 }
 
 
@@ -42,6 +43,7 @@ def test_each_variant_switches_off_only_what_it_names(name):
         "taesd_epilogues",
         "fuse_residuals",
         "group_stats",
+        "fuse_text_residuals",
     }:
         assert getattr(variant, f) == getattr(ops.TORCH_OPS, f), f"{name}: {f}"
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from diffrt.models.clip import PRESETS, CLIPTextConfig, CLIPTextModel
+from diffrt.models.ops import TORCH_OPS, TRITON_OPS, set_ops
 from tests.helpers.clip_models import load_ours, save_reference
 from tests.helpers.parity import assert_parity
 
@@ -50,6 +51,20 @@ def test_parity_tiny(preset, batch, tmp_path):
     assert ours.config == config  # from_transformers reads back what was saved, projection included
     n = config.num_hidden_layers
     assert_matches(ours, reference, token_ids(config, batch), list(range(-(n + 1), n + 1)))
+
+
+@pytest.mark.parametrize("kernels", [False, True], ids=["torch", "triton"])
+@pytest.mark.parametrize("preset", ["tiny-clip-l", "tiny-openclip-bigg"])
+def test_parity_with_fused_residuals(preset, kernels, tmp_path):
+    """ops.fuse_text_residuals (each LayerNorm writes x + the closing projection's bias, the GEMM adds in place):
+    the same states at every layer, the clip-skip ones kept by the caller included."""
+    config = PRESETS[preset]
+    reference = save_reference(config, tmp_path)
+    ours = load_ours(tmp_path)
+    set_ops(ours, replace(TRITON_OPS if kernels else TORCH_OPS, fuse_text_residuals=True))
+    assert all(layer.ops.fuse_text_residuals for layer in ours.text_model.encoder.layers)
+    n = config.num_hidden_layers
+    assert_matches(ours, reference, token_ids(config, 2), list(range(-(n + 1), n + 1)))
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffrt.models.joint_linear import JointLinear
+from diffrt.models.layers import add_linear
 from diffrt.models.ops import TORCH_OPS
 
 ACTIVATIONS = ("quick_gelu", "gelu")
@@ -131,8 +132,9 @@ class CLIPTextEmbeddings(nn.Module):
 
 
 class CLIPAttention(nn.Module):
-    # Only ops.fuse_projections is read here: at 77 tokens the text encoder is launch-bound, and one GEMM for q, k
-    # and v is two launches fewer per layer; attention stays on torch's SDPA (causal, short).
+    # ops.fuse_projections is read here, and the layer reads ops.fuse_text_residuals: at 77 tokens the text encoder
+    # is launch-bound, and one GEMM for q, k and v is two launches fewer per layer; attention stays on torch's SDPA
+    # (causal, short).
     ops = TORCH_OPS  # per instance once diffrt.models.ops.set_ops has run
 
     def __init__(self, config: CLIPTextConfig):
@@ -145,7 +147,8 @@ class CLIPAttention(nn.Module):
         self.out_proj = nn.Linear(c, c)
         self._qkv = JointLinear(self.q_proj, self.k_proj, self.v_proj)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """residual: [B, S, C] holding out_proj's bias already, added in its GEMM (in place; layers.add_linear)."""
         b, s, c = x.shape
         shape = (b, s, self.heads, c // self.heads)
         if self.ops.fuse_projections:
@@ -155,7 +158,8 @@ class CLIPAttention(nn.Module):
         # [B, S, C] -> [B, H, S, D] as strided views (of the joint GEMM's output too); SDPA takes any strides
         q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # default scale head_dim**-0.5, as CLIP's
-        return self.out_proj(o.transpose(1, 2).reshape(b, s, c))
+        o = o.transpose(1, 2).reshape(b, s, c)
+        return self.out_proj(o) if residual is None else add_linear(o, self.out_proj, residual)
 
 
 class CLIPMLP(nn.Module):
@@ -165,11 +169,15 @@ class CLIPMLP(nn.Module):
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
         self.act = quick_gelu if config.hidden_act == "quick_gelu" else F.gelu
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """residual: as CLIPAttention.forward's, for fc2."""
+        h = self.act(self.fc1(x))
+        return self.fc2(h) if residual is None else add_linear(h, self.fc2, residual)
 
 
 class CLIPEncoderLayer(nn.Module):
+    ops = TORCH_OPS  # per instance once diffrt.models.ops.set_ops has run
+
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -178,8 +186,17 @@ class CLIPEncoderLayer(nn.Module):
         self.mlp = CLIPMLP(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
+        if not self.ops.fuse_text_residuals:
+            x = x + self.self_attn(self.layer_norm1(x))
+            return x + self.mlp(self.layer_norm2(x))
+        # As the UNet's transformer blocks with ops.fuse_residuals: each LayerNorm also writes x + the bias of the
+        # projection that closes its sublayer, whose GEMM adds the sublayer's output to it in place. x itself is
+        # never written, so a caller keeping it (the hidden state of a clip-skip layer) keeps its values.
+        norm1, norm2 = self.layer_norm1, self.layer_norm2
+        h, r = self.ops.layer_norm(x, norm1.weight, norm1.bias, norm1.eps, self.self_attn.out_proj.bias)
+        x = self.self_attn(h, residual=r)
+        h, r = self.ops.layer_norm(x, norm2.weight, norm2.bias, norm2.eps, self.mlp.fc2.bias)
+        return self.mlp(h, residual=r)
 
 
 class CLIPEncoder(nn.Module):

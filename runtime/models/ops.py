@@ -74,6 +74,9 @@ class Ops:
     # A transformer block's residual adds in its projections' GEMMs: each LayerNorm also writes x + the next output
     # projection's bias, which that GEMM adds as its C matrix (diffrt.kernels.layer_norm). Off in TORCH_OPS.
     fuse_residuals: bool = False
+    # The same in the CLIP text encoders' layers. Off in both records until the H200 has measured it
+    # (benchmarks/ablation.py "+ text encoder residuals").
+    fuse_text_residuals: bool = False
 
 
 def _per_channel(shift: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
