@@ -14,8 +14,8 @@
 #          path against the fp32 reference with and without its latest optimizations (tests/test_candidates_gpu.py),
 #          the backends and the graph backend (KERNEL_TESTS:
 #          other test files)
-#   ablation: benchmarks/ablation.py (UNet step, VAE and TAESD with each optimization off in turn) for ABLATION_ARCHS
-#          (default sd21) at ABLATION_SIZES (default 512,1024)
+#   ablation: benchmarks/ablation.py (text encoders, UNet step, VAE, TAESD with each optimization off in turn) for
+#          ABLATION_ARCHS (default sd21) at ABLATION_SIZES (default 512,1024)
 #   profile: benchmarks/profile_components.py, kernel by kernel against the FLOP and weight-read floors, for PRESETS
 #   (default "sd21 sdxl") at PROFILE_SIZES (default "512 1024"), a JSON each (minutes, a guess)
 # Usage:  COMMIT=<sha> bash benchmarks/latency_device.sh check

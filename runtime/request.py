@@ -216,7 +216,7 @@ def _resolve_control(request: GenerationRequest, spec: ModelSpec, problems: list
 
 
 def _check_prompts(request: GenerationRequest) -> None:
-    if not isinstance(request.prompt, (str, list)):  # before .prompts, which would iterate it
+    if not isinstance(request.prompt, (str, list, tuple)):  # before .prompts, which would iterate it
         raise ValueError(f"prompt must be a string or a non-empty list of strings, not {type(request.prompt).__name__}")
     prompts = request.prompts
     if not prompts or not all(isinstance(p, str) for p in prompts):

@@ -167,6 +167,7 @@ def test_the_sdxl_vae_leaves_fp16_for_a_wider_exponent():
 
 def test_a_prompt_that_is_no_string_gets_a_clear_error():
     pipe = Pipeline.from_pretrained("tiny-sd15")
-    for bad in (5, None, ["a", 3]):
+    for bad in (5, None, ["a", 3], b"bytes"):
         with pytest.raises(ValueError, match="prompt must be a string or a non-empty list of strings"):
             pipe.generate(GenerationRequest(prompt=bad, **CALL))
+    assert pipe.generate(GenerationRequest(prompt=("a", "b"), **CALL)).images.shape[0] == 2  # a tuple is a list
