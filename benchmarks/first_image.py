@@ -30,7 +30,7 @@ def main() -> None:
     cold = not (os.path.isdir(args.cache_dir) and os.listdir(args.cache_dir))
     os.environ["TRITON_CACHE_DIR"] = args.cache_dir  # before Triton is imported
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.append(str(Path(__file__).resolve().parents[1]))  # last: kernels/ must not shadow HF kernels
     import torch
 
     from benchmarks.environment import environment

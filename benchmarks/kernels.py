@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import triton
 import triton.testing
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # last: kernels/ must not shadow HF kernels
 
 from benchmarks.environment import environment
 from benchmarks.kernel_shapes import all_unet_shapes, all_vae_norm_shapes, long_prompt_shapes

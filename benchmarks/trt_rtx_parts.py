@@ -13,7 +13,7 @@ shared .trt2/stage2.sh then works unchanged. Device calls on one warm machine, b
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # last: kernels/ must not shadow HF kernels
 
 from benchmarks.carry_parts import write_parts
 
