@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One device call of the fast path's checks and latency harness, each stage time-boxed, logs and JSON under $OUT.
 # Carry .whl (../shared/tools/device_wheels.sh: diffusers for the peers). Phases, one call each:
-#   overhead: benchmarks/overhead.py (where an end-to-end call's time goes beyond its graph replays) at 512² for ARCH
-#          (default sd21) and RUNS (default 1 step and LCM 4 steps), with TAESD if TINY_VAE=1; then, unless EXTRAS=0,
+#   overhead: benchmarks/overhead.py (where an end-to-end call's time goes beyond its graph replays) at OVERHEAD_SIZE
+#          (default 512) for ARCH (default sd21) and RUNS (default 1 step, LCM 4 steps), with TAESD if TINY_VAE=1; then,
+#          unless EXTRAS=0,
 #          the VAE decoder's error and time in fp32/bf16/fp16 and the graph backend's GPU tests
 #   convs: benchmarks/conv_shapes.py (each convolution shape of the VAE decode and UNet step of ARCH, timed several
 #          ways) at CONV_SIZES (default 512,1024)
@@ -43,9 +44,9 @@ check)
 overhead)
   export TRITON_CACHE_DIR=/tmp/diffrt-cache
   IFS=, read -ra runs <<< "${RUNS:-1 step,LCM 4 steps}"
-  arch=${ARCH:-sd21}; name=${arch}${TINY_VAE:+_taesd}
+  arch=${ARCH:-sd21}; size=${OVERHEAD_SIZE:-512}; name=${arch}_${size}${TINY_VAE:+_taesd}
   for run in "${runs[@]}"; do
-    stage "overhead_${name}_${run// /_}" ${OVERHEAD_S:-150} python3 benchmarks/overhead.py --arch "$arch" --size 512 --run "$run" ${TINY_VAE:+--tiny-vae} --repeats ${OVERHEAD_REPEATS:-30} --commit "$C" --out "$OUT/overhead_${name}_${run// /_}.json"
+    stage "overhead_${name}_${run// /_}" ${OVERHEAD_S:-150} python3 benchmarks/overhead.py --arch "$arch" --size "$size" --run "$run" ${TINY_VAE:+--tiny-vae} --repeats ${OVERHEAD_REPEATS:-30} --commit "$C" --out "$OUT/overhead_${name}_${run// /_}.json"
     sed -n '1,60p' "$OUT/overhead_${name}_${run// /_}.log"
   done
   [ "${EXTRAS:-1}" = 1 ] || exit 0
