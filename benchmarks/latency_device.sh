@@ -2,9 +2,8 @@
 # One device call of the fast path's checks and latency harness, each stage time-boxed, logs and JSON under $OUT.
 # Carry .whl (../shared/tools/device_wheels.sh: diffusers for the peers). Phases, one call each:
 #   overhead: benchmarks/overhead.py (where an end-to-end call's time goes beyond its graph replays) at OVERHEAD_SIZE
-#          (default 512) for ARCH (default sd21) and RUNS (default 1 step, LCM 4 steps), with TAESD if TINY_VAE=1; then,
-#          unless EXTRAS=0,
-#          the VAE decoder's error and time in fp32/bf16/fp16 and the graph backend's GPU tests
+#          (default 512) for ARCH (default sd21) and RUNS (default 1 step, LCM 4 steps), with TAESD if TINY_VAE=1;
+#          then, unless EXTRAS=0, the VAE decoder's error and time in fp32/bf16/fp16 and the graph backend's GPU tests
 #   convs: benchmarks/conv_shapes.py (each convolution shape of the VAE decode and UNet step of ARCH, timed several
 #          ways) at CONV_SIZES (default 512,1024)
 #   check: the GPU tests of the graph backend, backends, samplers and attention; time to first image cold/warm;
