@@ -10,7 +10,7 @@ times each shape alone as a CUDA-graph replay, L2 flushed, under:
   NCHW             contiguous tensors, cudnn.benchmark off
   GEMM             1x1 convolutions only: the channels-last input as a [pixels, C] matrix times the weight (cuBLAS)
   padded out       output channels not a multiple of 8 only (the decoder's last convolution, 3 channels): the weight
-                   padded with zero filters to 16, the output sliced back
+                   padded with zero filters to a multiple of 8 (at least 16), the output sliced back
 
 and sums count x time per variant, so the gain of switching a shape shows before any code changes.
 
@@ -94,9 +94,11 @@ def variants(shape: Shape) -> dict:
         matrix = w.reshape(w_shape[0], w_shape[1]).t()
         out["GEMM"] = (lambda: torch.mm(pixels, matrix), False)
     if w_shape[0] % 8:
-        padded = torch.zeros((16, *w_shape[1:]), device="cuda", dtype=dtype).to(memory_format=torch.channels_last)
-        padded[: w_shape[0]] = w_cl
-        out["padded out"] = (lambda: F.conv2d(x_cl, padded, None, stride, padding, dilation, groups)[:, :3], False)
+        n = w_shape[0]
+        padded = torch.zeros((max(16, -(-n // 8) * 8), *w_shape[1:]), device="cuda", dtype=dtype)
+        padded = padded.to(memory_format=torch.channels_last)
+        padded[:n] = w_cl
+        out["padded out"] = (lambda: F.conv2d(x_cl, padded, None, stride, padding, dilation, groups)[:, :n], False)
     return out
 
 
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
         calls = component_calls(pipe, size, batch=1, guidance=0.0)
         for component in args.components.split(","):
             fn, _ = calls[component]
-            rows = time_shapes(record(fn))
+            rows = [{**report["environment"], **row} for row in time_shapes(record(fn))]  # every row says where
             totals = summary(rows)
             report["results"].append({"component": component, "size": size, "shapes": rows, "totals_ms": totals})
             print(f"\n{args.preset} {component} {size}²: convolution ms per call by variant: "

@@ -41,9 +41,10 @@ def test_gflop_of_a_strided_convolution():
     "shape",
     [
         ((1, 128, 64, 64), (3, 128, 3, 3), (1, 1), (1, 1), (1, 1), 1, "torch.float16"),  # padded out
+        ((1, 320, 32, 32), (4, 320, 3, 3), (1, 1), (1, 1), (1, 1), 1, "torch.float16"),  # the UNet's conv_out
         ((1, 256, 32, 32), (128, 256, 1, 1), (1, 1), (0, 0), (1, 1), 1, "torch.float16"),  # GEMM
     ],
-    ids=["3-channel output", "1x1"],
+    ids=["3-channel output", "4-channel output", "1x1"],
 )
 def test_every_variant_computes_the_same_convolution(shape):
     torch.manual_seed(0)
@@ -53,4 +54,5 @@ def test_every_variant_computes_the_same_convolution(shape):
         out = fn().float()
         if name == "GEMM":  # [pixels, N] of the channels-last output
             out = out.reshape(shape[0][0], shape[0][2], shape[0][3], -1).permute(0, 3, 1, 2)
+        assert out.shape == reference.shape, (name, tuple(out.shape))
         assert torch.allclose(out, reference, atol=2e-2, rtol=1e-2), (name, (out - reference).abs().max())
