@@ -16,10 +16,10 @@ Variants (diffrt.models.ops records built from TRITON_OPS with one entry put bac
                             (TAESD's decode and encode are timed beside the KL VAE's)
   - fused residuals         the transformer blocks' residual adds as kernels of their own after torch's LayerNorm,
                             instead of in the output projections' GEMMs (diffrt.kernels.layer_norm)
-  + GroupNorm statistics    a candidate, off by default: each ResNet block's residual add also takes its output's
-                            GroupNorm statistics, and the GroupNorm after it skips its own pass (ops.group_stats)
-  + text encoder residuals  a candidate, off by default: the CLIP layers' residuals in their GEMMs, as the UNet's
-                            (ops.fuse_text_residuals; the text encoder(s) are timed beside the UNet and the VAEs)
+  - GroupNorm statistics    each GroupNorm takes its own statistics, instead of the ResNet block's residual add
+                            taking them for the GroupNorm after it (ops.group_stats)
+  - text encoder residuals  the CLIP layers' residual adds as kernels of their own, instead of in their GEMMs as the
+                            UNet's (ops.fuse_text_residuals; the text encoder(s) are timed beside the UNet and VAEs)
 
     python benchmarks/ablation.py --archs sd21 --sizes 512,1024 --out benchmarks/results/ablation_h200.json
 """
@@ -68,8 +68,8 @@ VARIANTS = {
     "- fused projections": (dataclasses.replace(T, fuse_projections=False), True),
     "- TAESD epilogues": (dataclasses.replace(T, taesd_epilogues=False), True),
     "- fused residuals": (dataclasses.replace(T, fuse_residuals=False), True),
-    "+ GroupNorm statistics": (dataclasses.replace(T, group_stats=True), True),
-    "+ text encoder residuals": (dataclasses.replace(T, fuse_text_residuals=True), True),
+    "- GroupNorm statistics": (dataclasses.replace(T, group_stats=False), True),
+    "- text encoder residuals": (dataclasses.replace(T, fuse_text_residuals=False), True),
 }
 
 

@@ -25,8 +25,8 @@ EXPECTED = {
     "- fused projections": (("fuse_projections",), True),
     "- TAESD epilogues": (("taesd_epilogues",), True),
     "- fused residuals": (("fuse_residuals",), True),
-    "+ GroupNorm statistics": (("group_stats",), True),
-    "+ text encoder residuals": (("fuse_text_residuals",), True),
+    "- GroupNorm statistics": (("group_stats",), True),
+    "- text encoder residuals": (("fuse_text_residuals",), True),
 }
 
 

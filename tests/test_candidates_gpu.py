@@ -1,10 +1,11 @@
 """The fast path's latest optimizations (`-m gpu`, on the device): with attention's projections in one GEMM
-(ops.fuse_projections), TAESD's epilogues (ops.taesd_epilogues) and the transformer blocks' residuals added in their
-projections' GEMMs (ops.fuse_residuals), the CUDA-graph pipeline is as close to the fp32 reference (torch ops, the same
-weights) as it is without them, never NaN, at a square and a non-square size. The first two give the same images bit
-for bit or nearly (the same dot products); the third rounds its residual sums in another order, which a random tiny
-model amplifies to a few hundredths in 0..1 either way (run 13, benchmarks/NOTES_kernels.md), so each is held to the
-reference rather than to the other."""
+(ops.fuse_projections), TAESD's epilogues (ops.taesd_epilogues), the transformer blocks' and the text encoder's
+residuals added in their projections' GEMMs (ops.fuse_residuals, ops.fuse_text_residuals) and the GroupNorm statistics
+taken by the ResNet blocks' residual adds (ops.group_stats), the CUDA-graph pipeline is as close to the fp32 reference
+(torch ops, the same weights) as it is without them, never NaN, at a square and a non-square size. The first two give
+the same images bit for bit or nearly (the same dot products); the residuals round their sums in another order, which a
+random tiny model amplifies to a few hundredths in 0..1 either way (run 13, benchmarks/NOTES_kernels.md), so each is
+held to the reference rather than to the other."""
 
 import dataclasses
 
@@ -17,9 +18,8 @@ from diffrt.models.ops import TRITON_OPS
 from diffrt.models.taesd import AutoencoderTiny, TAESDConfig
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
-WITHOUT = dataclasses.replace(
-    TRITON_OPS, name="triton-previous", fuse_projections=False, taesd_epilogues=False, fuse_residuals=False
-)
+LATEST = ("fuse_projections", "taesd_epilogues", "fuse_residuals", "fuse_text_residuals", "group_stats")
+WITHOUT = dataclasses.replace(TRITON_OPS, name="triton-previous", **dict.fromkeys(LATEST, False))
 
 
 def pipeline(backend, taesd: bool, dtype=torch.float16) -> diffrt.Pipeline:
@@ -37,7 +37,7 @@ def pipeline(backend, taesd: bool, dtype=torch.float16) -> diffrt.Pipeline:
 @pytest.mark.parametrize("taesd", [False, True], ids=["vae", "taesd"])
 @pytest.mark.parametrize("height,width", [(64, 64), (64, 96)])
 def test_the_fast_path_is_as_close_to_fp32_as_without_them(taesd, height, width):
-    assert TRITON_OPS.fuse_projections and TRITON_OPS.taesd_epilogues and TRITON_OPS.fuse_residuals
+    assert all(getattr(TRITON_OPS, name) for name in LATEST)
     kw = {"height": height, "width": width, "steps": 2, "seed": 4, "output_type": "pt"}
     reference = pipeline("torch", taesd, torch.float32)("a photo of a cat", **kw).float()
     without = pipeline(CudaGraphBackend(WITHOUT), taesd)("a photo of a cat", **kw).float()

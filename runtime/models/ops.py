@@ -64,8 +64,9 @@ class Ops:
     # "- TAESD epilogues").
     taesd_epilogues: bool = False
     # The ResNet block's residual add also takes its output's statistics for the GroupNorm that reads it next
-    # (bias_add_stats; kernels/group_norm.py bias_add_with_stats), which then skips its own pass over it. Off in
-    # both records until the H200 has measured it (benchmarks/ablation.py "+ GroupNorm statistics").
+    # (bias_add_stats; kernels/group_norm.py bias_add_with_stats), which then skips its own pass over it. On in
+    # TRITON_OPS (VAE decode SD2.1 512² -4.8%, 1024² -2.0% on the H200; benchmarks/ablation.py "- GroupNorm
+    # statistics").
     group_stats: bool = False
     # (x, bias, residual, scale, num_groups) -> bias_add's result, carrying its statistics where it can
     bias_add_stats: Callable[..., torch.Tensor] = bias_add_stats_torch
@@ -74,8 +75,8 @@ class Ops:
     # A transformer block's residual adds in its projections' GEMMs: each LayerNorm also writes x + the next output
     # projection's bias, which that GEMM adds as its C matrix (diffrt.kernels.layer_norm). Off in TORCH_OPS.
     fuse_residuals: bool = False
-    # The same in the CLIP text encoders' layers. Off in both records until the H200 has measured it
-    # (benchmarks/ablation.py "+ text encoder residuals").
+    # The same in the CLIP text encoders' layers. On in TRITON_OPS (text encoder SD2.1 -12%, SDXL's pair -13% on the
+    # H200; benchmarks/ablation.py "- text encoder residuals").
     fuse_text_residuals: bool = False
 
 
@@ -269,7 +270,7 @@ TORCH_OPS = Ops(
 TRITON_OPS = Ops(
     "triton", True, group_norm_triton, attention_triton, bias_add_triton, conv2d_triton, geglu_triton,
     upsample_nearest_triton, fuse_projections=True, taesd_epilogues=True, bias_add_stats=bias_add_stats_triton,
-    layer_norm=layer_norm_triton, fuse_residuals=True,
+    layer_norm=layer_norm_triton, fuse_residuals=True, group_stats=True, fuse_text_residuals=True,
 )  # fmt: skip
 
 
