@@ -149,23 +149,25 @@ def measure_peers(res: Results, arch: str, sizes, batches, runs, peers, deadline
         torch.cuda.empty_cache()
 
 
-def report(path: str) -> None:
-    """A markdown table (diffrt beside its peers, ratios) and a PNG plot of 1-step latency against resolution."""
-    rows = json.loads(Path(path).read_text())["rows"]
+def markdown(rows: list[dict]) -> str:
+    """The table of diffrt beside its peers (ratios only within one call) and end to end against its components.
+    A merged file holds the calls of several commits, so each line names the commit of its rows."""
     table, commit = {}, {}
     for r in rows:
         table.setdefault((r["arch"], r["what"], r["batch"], r["height"]), {})[r["impl"]] = r.get("median_ms")
         commit[(r["arch"], r["what"], r["batch"], r["height"], r["impl"])] = r.get("commit")
-    lines = ["| arch | what | batch | size | diffrt ms | diffusers eager ms | diffusers compile ms | vs compile |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| arch | what | batch | size | diffrt ms | diffusers eager ms | diffusers compile ms | vs compile"
+             " | commit |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for (arch, what, batch, size), by in sorted(table.items()):
         d, e, c = (by.get(i) for i in IMPLS)
+        commits = [commit.get((arch, what, batch, size, i)) for i in IMPLS if i in by]
         one_call = commit.get((arch, what, batch, size, IMPLS[0])) == commit.get((arch, what, batch, size, IMPLS[2]))
         # Ratios only between rows of one commit: the harness times diffrt and its peers in one call, and a merged
         # file holds the calls of several commits.
         ratio = f"{c / d:.2f}x" if d and c and one_call else ""
         cells = [f"{v:.2f}" if v else "" for v in (d, e, c)]
-        lines.append(f"| {arch} | {what} | {batch} | {size}² | {' | '.join(cells)} | {ratio} |")
+        made = " / ".join(str(sha)[:7] for sha in dict.fromkeys(commits))  # one commit, or each of its rows' in order
+        lines.append(f"| {arch} | {what} | {batch} | {size}² | {' | '.join(cells)} | {ratio} | {made} |")
     lines += [
         "",
         "End to end against the sum of its components' graph replays (issue 10: within 5% or 0.3 ms):",
@@ -186,7 +188,15 @@ def report(path: str) -> None:
     calls = sorted({(r.get("date", "")[:10], r.get("commit")) for r in rows})  # a file merges several device calls
     made = "; ".join(f"commit {c} ({d})" for d, c in calls)
     head = f"{env.get('gpu')}, torch {env.get('torch')}; rows from {made} (each row's own in the JSON)\n\n"
-    Path(path).with_suffix(".md").write_text(head + "\n".join(lines) + "\n")
+    return head + "\n".join(lines) + "\n"
+
+
+def report(path: str) -> None:
+    """The markdown table and a PNG plot of 1-step latency against resolution, beside the JSON."""
+    rows = json.loads(Path(path).read_text())["rows"]
+    text = markdown(rows)
+    Path(path).with_suffix(".md").write_text(text)
+    head = text.split("\n", 1)[0]
     import matplotlib
 
     matplotlib.use("Agg")
