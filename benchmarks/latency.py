@@ -149,6 +149,12 @@ def measure_peers(res: Results, arch: str, sizes, batches, runs, peers, deadline
         torch.cuda.empty_cache()
 
 
+def merged(rows: list[dict], newer: list[dict]) -> list[dict]:
+    """rows with each cell that `newer` measured replaced by newer's row (a later device call's code and peers)."""
+    replaced = {row_id(r) for r in newer}
+    return [r for r in rows if row_id(r) not in replaced] + newer
+
+
 def markdown(rows: list[dict]) -> str:
     """The table of diffrt beside its peers (ratios only within one call) and end to end against its components.
     A merged file holds the calls of several commits, so each line names the commit of its rows."""
@@ -176,11 +182,13 @@ def markdown(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for (arch, what, batch, size), by in sorted(table.items()):
-        parts = {w: table.get((arch, w, batch, size), {}).get("diffrt") for w in COMPONENTS}
-        steps = {"e2e 1 step": 1, "e2e LCM 4 steps": 4}.get(what)
-        same_code = len({commit.get((arch, w, batch, size, "diffrt")) for w in (what, *COMPONENTS)}) == 1
+        steps = {"e2e 1 step": 1, "e2e LCM 4 steps": 4, "e2e 1 step taesd": 1}.get(what)
+        decoder = "decode taesd" if what.endswith("taesd") else "decode"
+        names = ("text_encoder", "unet_step", decoder)
+        parts = {w: table.get((arch, w, batch, size), {}).get("diffrt") for w in names}
+        same_code = len({commit.get((arch, w, batch, size, "diffrt")) for w in (what, *names)}) == 1
         if steps and by.get("diffrt") and all(parts.values()) and same_code:  # one call's code, not a merge's
-            total = parts["text_encoder"] + steps * parts["unet_step"] + parts["decode"]
+            total = parts["text_encoder"] + steps * parts["unet_step"] + parts[decoder]
             over = by["diffrt"] - total
             lines.append(f"| {arch} | {batch} | {size}² | {what[4:]} | {by['diffrt']:.2f} | {total:.2f} | "
                          f"{over:+.2f} ms ({100 * over / total:+.1f}%) |")  # fmt: skip
@@ -231,8 +239,16 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=540.0, help="stop starting new cells after this many seconds")
     ap.add_argument("--commit", default=None)
     ap.add_argument("--report", default=None, help="write the table and plot of this JSON and exit")
+    ap.add_argument("--merge", nargs="*", default=[], help="with --report: first merge these JSONs' rows into it")
     args = ap.parse_args()
     if args.report:
+        rows = json.loads(Path(args.report).read_text())["rows"]
+        for path in args.merge:
+            rows = merged(rows, json.loads(Path(path).read_text())["rows"])
+        if args.merge:
+            tmp = args.report + ".tmp"
+            Path(tmp).write_text(json.dumps({"rows": rows}, indent=1))
+            os.replace(tmp, args.report)
         return report(args.report)
     deadline = time.time() + args.budget_s
     res = Results(args.out, environment(args.commit))

@@ -56,7 +56,7 @@ overhead)
   ;;
 kernels)
   # -x: the first failure prints its traceback at once (a stage's time box cuts pytest's closing summary).
-  stage kernel_tests ${KERNEL_TESTS_S:-200} python3 -m pytest -q -x --tb=short -m gpu -p no:cacheprovider -s ${KERNEL_TESTS:-tests/test_layer_norm.py tests/test_group_stats.py tests/test_bias_add.py tests/test_geglu.py tests/test_upsample.py tests/test_candidates_gpu.py tests/test_backends.py tests/test_cuda_graph.py}
+  stage kernel_tests ${KERNEL_TESTS_S:-200} python3 -m pytest -q -x --tb=short -m gpu -p no:cacheprovider -s ${KERNEL_TESTS:-tests/test_autotune.py tests/test_layer_norm.py tests/test_group_stats.py tests/test_bias_add.py tests/test_geglu.py tests/test_upsample.py tests/test_candidates_gpu.py tests/test_backends.py tests/test_cuda_graph.py}
   grep -E "max abs|passed|failed|Error" "$OUT/kernel_tests.log" | tail -n 25
   ;;
 convs)

@@ -3,6 +3,7 @@
 import inspect
 import os
 
+import torch
 import triton
 
 # Under Triton's CPU interpreter nothing can be timed: each kernel keeps only its first config (fast CPU tests).
@@ -17,6 +18,14 @@ _HAS_CACHE_RESULTS = "cache_results" in inspect.signature(triton.autotune).param
 def _short_bench(kernel_call, quantiles):
     # The UNet's kernels take microseconds, so eager timing would measure the host's launch overhead: time
     # CUDA-graph replays (as the runtime runs them), and fall back to plain events where capture fails.
+    # do_bench_cudagraph times on a new stream that does not wait for the caller's, and a shape's first call tunes
+    # right after its producer (a convolution) was launched there. Its timed runs would read, and for a kernel in
+    # place (`restore`) clone and write back, a tensor still being written: output that lands between a run's
+    # clone and its restore is reverted, and the real call reads stale memory. The likely cause of the real SD VAE
+    # decoder's 1024px test failing on some bare machines (tests/test_backends.py; NOTES_kernels run 15). So the
+    # caller's work is waited for first (once per shape and config set: tuning runs only on a shape's first call).
+    if not torch.cuda.is_current_stream_capturing():
+        torch.cuda.synchronize()
     try:
         return triton.testing.do_bench_cudagraph(kernel_call, rep=10, quantiles=quantiles)
     except RuntimeError:
