@@ -10,10 +10,10 @@
 #          the harness for SD2.1 at 512 with every peer (a first ratio)
 #   sd21 / sdxl / sd15: the harness for that architecture at 256..2048, peers at 512 and 1024 (sd21 first runs the
 #   GPU tests unless TESTS=0); LATENCY_S sets the harness's time box, SIZES / PEER_SIZES / PEERS / RUNS its cells
-#   kernels: the GPU tests of the kernels (LayerNorm, GroupNorm statistics from the epilogue, epilogues), the fast
-#          path against the fp32 reference with and without its latest optimizations (tests/test_candidates_gpu.py),
-#          the backends and the graph backend (KERNEL_TESTS:
-#          other test files)
+#   kernels: the GPU tests of the kernels (autotuning, LayerNorm, GroupNorm statistics from the epilogue, epilogues),
+#          the fast path against the fp32 reference with and without its latest optimizations
+#          (tests/test_candidates_gpu.py), the backends and the graph backend; KERNEL_TESTS: other test files, each
+#          its own stage of at most KERNEL_TEST_S seconds
 #   ablation: benchmarks/ablation.py (text encoders, UNet step, VAE, TAESD with each optimization off in turn) for
 #          ABLATION_ARCHS (default sd21) at ABLATION_SIZES (default 512,1024)
 #   profile: benchmarks/profile_components.py, kernel by kernel against the FLOP and weight-read floors, for PRESETS
@@ -55,9 +55,13 @@ overhead)
   grep -E "max abs|passed|failed|Error" "$OUT/gpu_tests.log" | tail -n 12
   ;;
 kernels)
-  # -x: the first failure prints its traceback at once (a stage's time box cuts pytest's closing summary).
-  stage kernel_tests ${KERNEL_TESTS_S:-200} python3 -m pytest -q -x --tb=short -m gpu -p no:cacheprovider -s ${KERNEL_TESTS:-tests/test_autotune.py tests/test_layer_norm.py tests/test_group_stats.py tests/test_bias_add.py tests/test_geglu.py tests/test_upsample.py tests/test_candidates_gpu.py tests/test_backends.py tests/test_cuda_graph.py}
-  grep -E "max abs|passed|failed|Error" "$OUT/kernel_tests.log" | tail -n 25
+  # One stage per test file, each in its own time box (KERNEL_TEST_S, default 150 s), so that a slow file cannot cut
+  # the others' summaries; -x: the first failure prints its traceback at once.
+  for file in ${KERNEL_TESTS:-tests/test_autotune.py tests/test_layer_norm.py tests/test_group_stats.py tests/test_bias_add.py tests/test_geglu.py tests/test_upsample.py tests/test_candidates_gpu.py tests/test_backends.py tests/test_cuda_graph.py}; do
+    name=$(basename "$file" .py)
+    stage "$name" ${KERNEL_TEST_S:-150} python3 -m pytest -q -x --tb=short -m gpu -p no:cacheprovider -s "$file"
+    grep -E "max abs|passed|failed|Error" "$OUT/$name.log" | tail -n 12
+  done
   ;;
 convs)
   # benchmarks/conv_shapes.py: every convolution of the VAE decode and the UNet step by shape, against other ways of
