@@ -29,7 +29,6 @@ from diffrt.request import GenerationRequest  # noqa: E402
 
 TAESD = {"sd15": "taesd", "sd21": "taesd", "sdxl": "taesdxl"}
 IMPLS = ("diffrt", "diffusers eager", "diffusers compile")
-COMPONENTS = ("text_encoder", "unet_step", "decode")
 COMPILE_RESERVE_S = 200  # torch.compile took 50 s (UNet) + 19 s (VAE) at 512² and 182 s + 42 s at 1024² on an H200
 
 

@@ -25,8 +25,8 @@ def test_a_ratio_only_between_rows_of_one_commit_and_each_line_names_its_commits
     ])  # fmt: skip
     same = line(text, "unet_step")
     assert "| 1.50x |" in same and same.endswith("| aaaaaaa |")
-    merged = line(text, "decode")
-    assert "x |" not in merged and merged.endswith("| bbbbbbb / aaaaaaa |")
+    mixed = line(text, "decode")
+    assert "x |" not in mixed and mixed.endswith("| bbbbbbb / aaaaaaa |")
     assert "commit aaaaaaa111 (2026-12-03); commit bbbbbbb222 (2026-12-03)" in text.splitlines()[0]
 
 
