@@ -8,23 +8,16 @@ import torch
 from diffrt.kernels import _autotune
 
 
-def test_the_caller_s_work_is_waited_for_before_timing(monkeypatch):
+@pytest.mark.parametrize("capturing,expected", [(False, ["synchronize", "time"]), (True, ["time"])],
+                         ids=["eager", "capturing"])  # fmt: skip
+def test_the_caller_s_work_is_waited_for_before_timing(monkeypatch, capturing, expected):
+    """While a stream captures, a device-wide synchronize is an error; the timing itself then fails as it did."""
     order = []
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: order.append("synchronize"))
     monkeypatch.setattr(_autotune.triton.testing, "do_bench_cudagraph", lambda fn, **kw: order.append("time") or 1.0)
     assert _autotune._short_bench(lambda: None, (0.5,)) == 1.0
-    assert order == ["synchronize", "time"]
-
-
-def test_no_synchronize_inside_a_capture(monkeypatch):
-    """A device-wide synchronize is an error while a stream captures; the timing itself then fails as it did."""
-    order = []
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: order.append("synchronize"))
-    monkeypatch.setattr(_autotune.triton.testing, "do_bench_cudagraph", lambda fn, **kw: order.append("time") or 1.0)
-    _autotune._short_bench(lambda: None, (0.5,))
-    assert order == ["time"]
+    assert order == expected
 
 
 @pytest.mark.gpu
