@@ -87,6 +87,30 @@ def test_worker_bounds_its_queue_and_cancels():
         worker.stop()
 
 
+def test_a_job_gives_its_place_back_before_its_client_hears():
+    """A client answered sends its next request at once (Ray routes it there: max_ongoing_requests counts the job
+    that ran as done). The worker has not yet taken the next job off its queue then, and the new request must still
+    find room; a bound on the waiting jobs alone refused it with a 429 (seen in CI with two Ray replicas)."""
+    pipe = Blocking()
+    worker = ModelWorker(pipe, max_queue=1)
+    worker.start()
+    request = GenerationRequest("x", steps=1)
+    try:
+        running = worker.submit_request(request, timeout_s=30)
+        deadline = time.monotonic() + 5
+        while worker.running is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        waiting = worker.submit_request(request, timeout_s=30)  # the queue is full now
+        followed = []  # the done callback runs on the worker thread, before it takes `waiting` off the queue
+        running.future.add_done_callback(lambda _: followed.append(worker.submit_request(request, timeout_s=30)))
+        pipe.go.set()
+        assert running.future.result(10) == "done"
+        assert waiting.future.result(10) == "done"
+        assert len(followed) == 1 and followed[0].future.result(10) == "done"
+    finally:
+        worker.stop()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_real_cuda_out_of_memory_fails_one_request_and_the_worker_goes_on():

@@ -2,7 +2,10 @@
 
 One job at a time per model keeps a pipeline from being driven by two threads at once (the crash and mixed images
 users of other servers report) and makes memory use predictable. The queue in front of it is bounded: a full queue
-is refused at once (the server answers 429 with Retry-After) instead of growing without end. Each job carries a
+is refused at once (the server answers 429 with Retry-After) instead of growing without end. The bound counts the
+job that runs as well as those waiting (`max_queue + 1` in all), and a job gives its place back before its outcome
+is published: a client answered can send its next request at once and find room, as Ray's `max_ongoing_requests`
+(the same `max_queue + 1`) promises it. Each job carries a
 deadline and a cancel flag that the pipeline's per-step callback checks, so a request whose client went away, or
 whose time ran out, stops between two denoising steps instead of running to the end.
 """
@@ -57,6 +60,7 @@ class Job:
     submitted: float = field(default_factory=time.monotonic)
     started: float | None = None
     steps_done: int = 0
+    holds_place: bool = True  # counted in the worker's bound until its outcome is published
     _cancel: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -86,13 +90,14 @@ def run_steps(request: GenerationRequest) -> int:
 
 
 class ModelWorker:
-    """Runs one pipeline's jobs on one thread, in order, with at most `max_queue` waiting."""
+    """Runs one pipeline's jobs on one thread, in order, with at most `max_queue` waiting behind the one running."""
 
     def __init__(self, pipeline, *, max_queue: int, metrics=None, name: str = "model") -> None:
         if max_queue < 1:
             raise ValueError(f"max_queue {max_queue} must be >= 1")
         self.pipeline, self.metrics, self.max_queue = pipeline, metrics, max_queue
-        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
+        self._queue: queue.Queue[Job | None] = queue.Queue()  # bounded by `_places`, not by its own size
+        self._places = threading.Semaphore(max_queue + 1)  # the jobs waiting and the one running
         self._thread = threading.Thread(target=self._loop, name=f"diffrt-worker-{name}", daemon=True)
         self._durations: deque[float] = deque(maxlen=32)  # recent run times, for Retry-After
         self.ready = threading.Event()  # the warm-up ran: weights loaded, the default shape's graphs built
@@ -124,11 +129,10 @@ class ModelWorker:
                on_progress: Progress | None = None) -> Job:  # fmt: skip
         """Queue any work on this model's thread (run(step_callback) -> result): another route (a stream, say)
         shares the one-job-at-a-time rule and the queue bound this way."""
+        if not self._places.acquire(blocking=False):
+            raise QueueFull(self.max_queue, self.retry_after_s())
         job = Job(run, steps, timeout_s, on_progress)
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            raise QueueFull(self.max_queue, self.retry_after_s()) from None
+        self._queue.put_nowait(job)
         self._gauge()
         return job
 
@@ -149,10 +153,7 @@ class ModelWorker:
             if job is not None:
                 job.cancel()
                 self._finish(job, exception=Cancelled("the server is shutting down"))
-        try:
-            self._queue.put(None, timeout=timeout_s)
-        except queue.Full:
-            pass
+        self._queue.put_nowait(None)
         self._thread.join(timeout_s)
 
     def _loop(self) -> None:
@@ -174,6 +175,7 @@ class ModelWorker:
                 self._run(job)
             finally:
                 self.running = None
+                self._give_back_place(job)  # a job its client cancelled ends without an outcome of ours
 
     def _run(self, job: Job) -> None:
         if not job.future.set_running_or_notify_cancel():
@@ -215,7 +217,13 @@ class ModelWorker:
             torch.cuda.synchronize(self.pipeline.device)
             torch.cuda.empty_cache()
 
+    def _give_back_place(self, job: Job) -> None:
+        if job.holds_place:
+            job.holds_place = False
+            self._places.release()
+
     def _finish(self, job: Job, *, result=None, exception: BaseException | None = None) -> None:
+        self._give_back_place(job)  # before the outcome: whoever it wakes may submit again at once
         if job.future.done():
             return
         if exception is not None:
