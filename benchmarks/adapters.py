@@ -37,6 +37,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # last: kernels/ must
 
 from benchmarks.accuracy import max_rel_error
 from benchmarks.environment import environment
+from benchmarks.results_file import write_json
 from diffrt.loading.lora import adaptable_modules, read_lora
 from diffrt.lora import LoRAWeights, match_lora
 from diffrt.models.controlnet import controlnet_from_unet
@@ -359,8 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
                 # each section names its call: a results file may hold sections measured in different calls
                 report[name] = {**rows(), "environment": env}
                 print(json.dumps(report[name], indent=1))
-    with open(args.json, "w") as f:
-        json.dump(report, f, indent=2)
+    write_json(args.json, report, indent=2)
     return report
 
 

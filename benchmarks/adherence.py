@@ -14,7 +14,6 @@ sampler), and prints one line per sampler.
 
 import argparse
 import hashlib
-import json
 import os
 import sys
 import time
@@ -27,6 +26,7 @@ from PIL import Image, ImageDraw
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # last: kernels/ must not shadow HF kernels
 
 from benchmarks.environment import environment
+from benchmarks.results_file import write_json
 from diffrt import Pipeline
 from diffrt.train import judge as judge_lib
 from diffrt.train import shapes
@@ -180,8 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     }  # fmt: skip
     for path in (args.json, args.grid):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(report, f, indent=2)
+    write_json(args.json, report, indent=2)
     grid(prompt_list, columns, min(args.rows, len(prompt_list)), args.grid)
     print(f"wrote {args.json} and {args.grid}", file=sys.stderr)
     return report

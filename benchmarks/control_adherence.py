@@ -7,7 +7,6 @@ prompts and noise); LCM 4 steps at guidance 8.5, the CLI's defaults (diffrt.trai
 """
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # last: kernels/ must not shadow HF kernels
 
 from benchmarks.environment import environment
+from benchmarks.results_file import write_json
 from diffrt.train.controlnet import DEFAULT_MODEL, evaluate_controlnet
 
 
@@ -42,8 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     report["controlnet_path"] = os.path.abspath(args.controlnet)
     for path in (args.json, args.grid):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(report, f, indent=2)
+    write_json(args.json, report, indent=2)
     grid.save(args.grid)
     for name in ("controlnet", "none"):
         r = report[name]

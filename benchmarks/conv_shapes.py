@@ -18,7 +18,6 @@ and sums count x time per variant, so the gain of switching a shape shows before
 """
 
 import argparse
-import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -31,6 +30,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # last: kernels/ must
 
 from benchmarks.environment import environment  # noqa: E402
 from benchmarks.profile_components import component_calls  # noqa: E402
+from benchmarks.results_file import write_json  # noqa: E402
 from diffrt.backends.eager import EagerBackend  # noqa: E402
 from diffrt.latency import graph_replay_ms  # noqa: E402
 from diffrt.models.ops import TRITON_OPS  # noqa: E402
@@ -151,7 +151,9 @@ def main(argv: list[str] | None = None) -> dict:
             fn, _ = calls[component]
             rows = [{**report["environment"], **row} for row in time_shapes(record(fn))]  # every row says where
             totals = summary(rows)
-            report["results"].append({"component": component, "size": size, "shapes": rows, "totals_ms": totals})
+            report["results"].append(
+                {**report["environment"], "component": component, "size": size, "shapes": rows, "totals_ms": totals}
+            )  # the totals say where, as each shape does
             print(f"\n{args.preset} {component} {size}²: convolution ms per call by variant: "
                   + ", ".join(f"{n} {t:.3f}" for n, t in totals.items()))  # fmt: skip
             for r in rows:
@@ -159,8 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"  x{r['count']:<3d} {r['input']} * {r['weight']} s{r['stride'][0]} {r['gflop']:7.1f} GFLOP  "
                       f"{cells}")  # fmt: skip
             if args.out:  # after each component: a time-boxed call keeps what it finished
-                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.out).write_text(json.dumps(report, indent=1))
+                write_json(args.out, report)
     return report
 
 

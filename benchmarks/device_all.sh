@@ -6,6 +6,7 @@
 # Carry .whl with the wheels each script names.  Usage:  COMMIT=<sha> bash benchmarks/device_all.sh
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export DIFFRT_CALL=${DIFFRT_CALL:-$(date -u +%Y%m%dT%H%M%S)-$$}  # one call for every part's rows
 t0=$SECONDS
 pack() { tar czf "$OUT/$1.tgz" -C "$OUT" "$1" && rm -rf "${OUT:?}/$1"; echo "== $1 done at $((SECONDS - t0))s"; }
 RUNS="1 step" OUT=$OUT/latency bash benchmarks/latency_device.sh overhead 2>&1 | grep -vE "^W1202|sympy" | tail -n 45

@@ -1,5 +1,8 @@
 """What every benchmark result row names: the GPU (or that there was none), driver, library versions (the peers'
-too: diffusers, transformers, StreamDiffusion, ONNX Runtime, None where not installed), commit, date.
+too: diffusers, transformers, StreamDiffusion, ONNX Runtime, None where not installed), commit, date, and the call
+that measured it: a ratio is honest only between rows of one call (one host, one GPU, one warm state), and two calls
+of one commit are not one call. `DIFFRT_CALL` names it (the device scripts set it once per device call); without it,
+each process is a call of its own.
 
 The commit comes from `--commit` where given: a device machine's copy of the tree may carry stale git metadata (it
 once named the previous commit), so device calls pass the commit they run explicitly.
@@ -7,7 +10,9 @@ once named the previous commit), so device calls pass the commit they run explic
 
 import datetime
 import importlib.metadata
+import os
 import subprocess
+import uuid
 
 import torch
 
@@ -19,6 +24,7 @@ def _command_output(cmd: list[str]) -> str:
         return ""
 
 
+PROCESS_CALL = uuid.uuid4().hex[:12]  # this process's call, where the device script named none
 PEER_PACKAGES = ("diffusers", "transformers", "streamdiffusion", "onnxruntime-gpu", "onnxruntime")
 
 
@@ -48,4 +54,5 @@ def environment(commit: str | None = None) -> dict:
         **{package: _version(package) for package in PEER_PACKAGES},
         "commit": commit or _command_output(["git", "rev-parse", "HEAD"]) or "unknown",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "call": os.environ.get("DIFFRT_CALL") or PROCESS_CALL,
     }

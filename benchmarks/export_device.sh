@@ -43,6 +43,7 @@ for d in /tmp/ortgpu /tmp/trtrtx /tmp/site; do [ -d $d ] && path=$path:$d; done
 [ -d /tmp/ortgpu ] && path=/tmp/ortgpu:$path  # before the image's CPU-only onnxruntime
 export PYTHONPATH=$path:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 C="--commit ${COMMIT:-unknown}"
+export DIFFRT_CALL=${DIFFRT_CALL:-$(date -u +%Y%m%dT%H%M%S)-$$}  # every row this call writes names it (ratios only within one call)
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>&1
 python3 -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())" >> "$OUT/gpu.txt" 2>&1
 python3 -c "import tensorrt_rtx as t; print('tensorrt_rtx', t.__version__)" >> "$OUT/gpu.txt" 2>&1

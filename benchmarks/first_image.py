@@ -34,6 +34,7 @@ def main() -> None:
     import torch
 
     from benchmarks.environment import environment
+    from benchmarks.results_file import write_json
     from diffrt import latency
     from diffrt.pipeline import Pipeline
     from diffrt.request import GenerationRequest
@@ -67,7 +68,7 @@ def main() -> None:
         "new_size": args.new_size,
         "new_size_first_image_s": new_size,
     }
-    Path(args.out).write_text(json.dumps(row, indent=1))
+    write_json(args.out, row)
     print(json.dumps(row, indent=1))
 
 

@@ -7,6 +7,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 # pip cannot build an editable install without the network (setuptools), so map the layout by symlinks instead.
 mkdir -p /tmp/pp && ln -sfn "$PWD/runtime" /tmp/pp/diffrt && ln -sfn "$PWD/kernels" runtime/kernels && ln -sfn "$PWD/export" runtime/export
 export PYTHONPATH=/tmp/pp:$PWD:/tmp/site
+export DIFFRT_CALL=${DIFFRT_CALL:-$(date -u +%Y%m%dT%H%M%S)-$$}  # every row this call writes names it (ratios only within one call)
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 stage() { local name=$1 limit=$2; shift 2; local t0=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?

@@ -15,7 +15,6 @@ views transposed to [B, H, S, D].
 """
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -32,6 +31,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # last: kernels/ must
 
 from benchmarks.environment import environment
 from benchmarks.kernel_shapes import all_unet_shapes, all_vae_norm_shapes, long_prompt_shapes
+from benchmarks.results_file import write_json
 from diffrt.kernels import attention as attn_mod
 from diffrt.kernels import group_norm as gn_mod
 from diffrt.kernels.attention import attention
@@ -357,7 +357,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     env = {**env, "copy_gbps": copy_gbps}
     rows = [{**env, **r} for r in rows]  # every row names the GPU, versions and commit
-    out.write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+    write_json(out, {"environment": env, "rows": rows})
     print(f"wrote {out}")
 
 

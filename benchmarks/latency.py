@@ -23,6 +23,7 @@ import torch
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # last: kernels/ must not shadow HF kernels
 
 from benchmarks.environment import environment  # noqa: E402
+from benchmarks.results_file import write_json  # noqa: E402
 from diffrt import latency  # noqa: E402
 from diffrt.pipeline import Pipeline  # noqa: E402
 from diffrt.request import GenerationRequest  # noqa: E402
@@ -51,9 +52,7 @@ class Results:
         row = {**self.env, **row}
         self.rows.append(row)
         self.done.add(row_id(row))
-        tmp = self.path + ".tmp"
-        Path(tmp).write_text(json.dumps({"rows": self.rows}, indent=1))
-        os.replace(tmp, self.path)
+        write_json(self.path, {"rows": self.rows})
         ms = row.get("median_ms")
         print(f"{row['arch']:5s} {row['impl']:18s} {row['what']:22s} b{row['batch']} {row['height']}x{row['width']}"
               f"  {ms if ms is None else round(ms, 3)} ms", flush=True)  # fmt: skip
@@ -148,6 +147,11 @@ def measure_peers(res: Results, arch: str, sizes, batches, runs, peers, deadline
         torch.cuda.empty_cache()
 
 
+def call_of(row: dict) -> str | None:
+    """The device call a row came from; rows written before rows named their call stand for their commit's."""
+    return row.get("call") or row.get("commit")
+
+
 def merged(rows: list[dict], newer: list[dict]) -> list[dict]:
     """rows with each cell that `newer` measured replaced by newer's row (a later device call's code and peers)."""
     replaced = {row_id(r) for r in newer}
@@ -155,20 +159,20 @@ def merged(rows: list[dict], newer: list[dict]) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    """The table of diffrt beside its peers (ratios only within one call) and end to end against its components.
-    A merged file holds the calls of several commits, so each line names the commit of its rows."""
-    table, commit = {}, {}
+    """The table of diffrt beside its peers (ratios only within one call) and end to end against its components
+    (within one call too: the host's speed shows in end to end). A merged file holds several calls, so each line
+    names the commit of its rows."""
+    table, commit, call = {}, {}, {}
     for r in rows:
         table.setdefault((r["arch"], r["what"], r["batch"], r["height"]), {})[r["impl"]] = r.get("median_ms")
         commit[(r["arch"], r["what"], r["batch"], r["height"], r["impl"])] = r.get("commit")
+        call[(r["arch"], r["what"], r["batch"], r["height"], r["impl"])] = call_of(r)
     lines = ["| arch | what | batch | size | diffrt ms | diffusers eager ms | diffusers compile ms | vs compile"
              " | commit |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for (arch, what, batch, size), by in sorted(table.items()):
         d, e, c = (by.get(i) for i in IMPLS)
         commits = [commit.get((arch, what, batch, size, i)) for i in IMPLS if i in by]
-        one_call = commit.get((arch, what, batch, size, IMPLS[0])) == commit.get((arch, what, batch, size, IMPLS[2]))
-        # Ratios only between rows of one commit: the harness times diffrt and its peers in one call, and a merged
-        # file holds the calls of several commits.
+        one_call = call.get((arch, what, batch, size, IMPLS[0])) == call.get((arch, what, batch, size, IMPLS[2]))
         ratio = f"{c / d:.2f}x" if d and c and one_call else ""
         cells = [f"{v:.2f}" if v else "" for v in (d, e, c)]
         made = " / ".join(str(sha)[:7] for sha in dict.fromkeys(commits))  # one commit, or each of its rows' in order
@@ -185,8 +189,8 @@ def markdown(rows: list[dict]) -> str:
         decoder = "decode taesd" if what.endswith("taesd") else "decode"
         names = ("text_encoder", "unet_step", decoder)
         parts = {w: table.get((arch, w, batch, size), {}).get("diffrt") for w in names}
-        same_code = len({commit.get((arch, w, batch, size, "diffrt")) for w in (what, *names)}) == 1
-        if steps and by.get("diffrt") and all(parts.values()) and same_code:  # one call's code, not a merge's
+        one_call = len({call.get((arch, w, batch, size, "diffrt")) for w in (what, *names)}) == 1
+        if steps and by.get("diffrt") and all(parts.values()) and one_call:
             total = parts["text_encoder"] + steps * parts["unet_step"] + parts[decoder]
             over = by["diffrt"] - total
             lines.append(f"| {arch} | {batch} | {size}² | {what[4:]} | {by['diffrt']:.2f} | {total:.2f} | "
@@ -245,9 +249,7 @@ def main() -> None:
         for path in args.merge:
             rows = merged(rows, json.loads(Path(path).read_text())["rows"])
         if args.merge:
-            tmp = args.report + ".tmp"
-            Path(tmp).write_text(json.dumps({"rows": rows}, indent=1))
-            os.replace(tmp, args.report)
+            write_json(args.report, {"rows": rows})
         return report(args.report)
     deadline = time.time() + args.budget_s
     res = Results(args.out, environment(args.commit))

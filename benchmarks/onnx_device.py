@@ -18,7 +18,6 @@ Diffusion fusions, --fusions) beside the fast path's graph replays of the same (
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -29,7 +28,7 @@ import torch
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # last: kernels/ must not shadow HF kernels
 
 from benchmarks.environment import environment
-from diffrt.export.files import write_atomically
+from benchmarks.results_file import write_json
 from diffrt.export.ort_check import CheckShape
 
 CHECKS = {"sd21": (CheckShape(1, 512, 512, 77), CheckShape(2, 768, 768, 77)),
@@ -191,7 +190,7 @@ class Rows(list):
     def append(self, row: dict) -> None:
         super().append({**self.env, **row})
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(str(self.out), json.dumps(self.result(), indent=1).encode())
+        write_json(self.out, self.result())
 
     def result(self) -> dict:
         return {**self.head, "rows": list(self)}
@@ -236,7 +235,7 @@ def main() -> None:
     args = ap.parse_args()
     result = run_export(args) if args.command == "export" else run_latency(args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(args.out, json.dumps(result, indent=1).encode())
+    write_json(args.out, result)
     print(f"wrote {args.out}")
 
 

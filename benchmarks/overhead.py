@@ -28,6 +28,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # last: kernels/ must
 
 from benchmarks.environment import environment  # noqa: E402
 from benchmarks.latency import diffrt_pipeline  # noqa: E402
+from benchmarks.results_file import write_json  # noqa: E402
 from diffrt import latency  # noqa: E402
 from diffrt.request import GenerationRequest  # noqa: E402
 
@@ -226,7 +227,7 @@ def main() -> None:
         "sync_warnings": syncs,
         "profiled_calls": gaps,
     }
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    write_json(args.out, out)
     shown = ("components_ms", "component_sum_ms", "end_to_end_ms", "host_stage_ms", "tokenizer_parts_us")
     print(json.dumps({k: out[k] for k in shown}, indent=1))
     print(f"{len(syncs)} synchronizing calls:", *syncs[:5], sep="\n  ")

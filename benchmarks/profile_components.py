@@ -12,7 +12,6 @@ names it outside one. Per component (text encoder, one UNet step, VAE decode; th
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # last: kernels/ must not shadow HF kernels
 
 from benchmarks.environment import environment  # noqa: E402
+from benchmarks.results_file import write_json  # noqa: E402
 from diffrt.backends.eager import EagerBackend  # noqa: E402
 from diffrt.models.ops import TRITON_OPS  # noqa: E402
 from diffrt.pipeline import Pipeline  # noqa: E402
@@ -159,8 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
         report[name] = {**report["environment"], **profile_call(fn, weight_bytes, args.calls, args.top)}
         print_table(name, report[name])
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1))
+        write_json(args.json, report)
     return report
 
 

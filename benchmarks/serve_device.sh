@@ -21,6 +21,7 @@ stage() { local name=$1 limit=$2; shift 2; local t0=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
   echo "== $name rc=$rc $((SECONDS - t0))s: $(grep -E '"(images_per_s|single_request_ms|p99_ms|errors|lost)"' "$OUT/$name.log" | tr -d ' \n')"; }
 C=${COMMIT:-unknown}; S=${SERVE_S:-45}
+export DIFFRT_CALL=${DIFFRT_CALL:-$(date -u +%Y%m%dT%H%M%S)-$$}  # every row this call writes names it (ratios only within one call)
 run() { local name=$1; shift
   stage "$name" $((S + 150)) python3 benchmarks/serve_load.py --model sd21 --size 512x512 --max-size 1024 \
     --clients 32 --max-queue 64 --duration "$S" --warmup-s 10 --single 20 --commit "$C" \

@@ -25,6 +25,7 @@ import httpx
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # last: kernels/ must not shadow HF kernels
 
 from benchmarks.environment import environment  # noqa: E402
+from benchmarks.results_file import write_json  # noqa: E402
 from benchmarks.serve_process import rss_bytes, server_process  # noqa: E402
 
 CLIENT_MARGIN_S = 30  # a client waits this much past the server's own timeout before it calls a request lost
@@ -145,9 +146,7 @@ def _ms(seconds: float | None) -> float | None:
 def write_row(path: str, row: dict) -> None:
     """Append the row to the JSON file, atomically (temporary file, then rename)."""
     rows = json.loads(Path(path).read_text())["rows"] if os.path.exists(path) else []
-    tmp = f"{path}.tmp"
-    Path(tmp).write_text(json.dumps({"rows": [*rows, row]}, indent=1))
-    os.replace(tmp, path)
+    write_json(path, {"rows": [*rows, row]})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ stage() { local name=$1 limit=$2; shift 2; local t0=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
   echo "== $name rc=$rc $((SECONDS - t0))s: $(tail -n 1 "$OUT/$name.log")"; }
 C=${COMMIT:-unknown}
+export DIFFRT_CALL=${DIFFRT_CALL:-$(date -u +%Y%m%dT%H%M%S)-$$}  # every row this call writes names it (ratios only within one call)
 S=${STREAM_S:-250}
 stage gpu_tests 130 python3 -m pytest -q -x -m gpu -p no:cacheprovider -s tests/test_stream_gpu.py
 grep -E "max abs|passed|failed|Error" "$OUT/gpu_tests.log" | tail -n 20

@@ -20,6 +20,7 @@ import torch
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # last: kernels/ must not shadow HF kernels
 
 from benchmarks.environment import environment
+from benchmarks.results_file import write_json
 from diffrt.models.clip import CLIPTextConfig, CLIPTextModel
 from diffrt.models.unet import UNet2DConditionModel, UNetConfig
 from diffrt.models.vae import AutoencoderKL, AutoencoderKLConfig
@@ -141,8 +142,7 @@ def main() -> None:
         result["vae"].append({**env, **vae_step(b, args.reps, args.workers)})
         print(json.dumps(result["vae"][-1]), flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result, indent=2)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ max relative error of its output against diffusers' fp32 forward on the same inp
 """
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # last: kernels/ must
 from benchmarks.accuracy import max_rel_error
 from benchmarks.diffusers_configs import SD15, SD21, SDXL
 from benchmarks.kernels import bench_eager, bench_graph, kernel_environment
+from benchmarks.results_file import write_json
 from diffrt.models.ops import TORCH_OPS, TRITON_OPS, set_ops
 from diffrt.models.unet import UNet2DConditionModel, UNetConfig
 
@@ -111,7 +111,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     env = {**kernel_environment(args.commit), "timing": UNET_TIMING}
     rows = [{**env, **r} for r in rows]  # every row names the GPU, versions and commit
-    Path(args.out).write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
+    write_json(args.out, {"environment": env, "rows": rows}, indent=2)
     print(f"wrote {args.out}")
 
 

@@ -11,7 +11,6 @@ overflow (a trained SDXL VAE's fp16 overflow does not show on random weights; th
 
 import argparse
 import copy
-import json
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # last: kernels/ must not shadow HF kernels
 
 from benchmarks.environment import environment  # noqa: E402
+from benchmarks.results_file import write_json  # noqa: E402
 from diffrt import latency  # noqa: E402
 from diffrt.backends.torch_roles import TorchImageCodec  # noqa: E402
 from diffrt.pipeline import Pipeline  # noqa: E402
@@ -62,7 +62,7 @@ def main() -> None:
                           f"PSNR {row['psnr_db']:.1f} dB, nan {row['nan']}", flush=True)  # fmt: skip
         del pipe, vaes, codecs
         torch.cuda.empty_cache()
-    Path(args.out).write_text(json.dumps({"rows": rows}, indent=1))
+    write_json(args.out, {"rows": rows})
 
 
 if __name__ == "__main__":

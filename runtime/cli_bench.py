@@ -59,6 +59,7 @@ def run_bench(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r['size']:>6}  {r['what']:28s} {r['median_ms']:>10.3f} {r['p20_ms']:>8.3f} {r['p80_ms']:>8.3f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        from diffrt.export.files import write_atomically
+
+        write_atomically(args.json, json.dumps(rows, indent=1).encode())  # a run cut short leaves no torn file
     return 0

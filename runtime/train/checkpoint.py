@@ -18,6 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from diffrt.export.files import write_atomically
+
 STATE = "state.json"
 
 
@@ -35,16 +37,7 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict
 
 
 def atomic_write_json(obj, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomically(path, json.dumps(obj, indent=2, sort_keys=True).encode())
 
 
 def read_state(folder: str) -> dict | None:
