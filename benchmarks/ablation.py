@@ -20,6 +20,8 @@ Variants (diffrt.models.ops records built from TRITON_OPS with one entry put bac
                             taking them for the GroupNorm after it (ops.group_stats)
   - text encoder residuals  the CLIP layers' residual adds as kernels of their own, instead of in their GEMMs as the
                             UNet's (ops.fuse_text_residuals; the text encoder(s) are timed beside the UNet and VAEs)
+  + GEGLU in its GEMM       a candidate, off on the fast path: GEGLU's projection and gate in one Triton GEMM
+                            instead of cuBLAS's projection and the gate kernel (ops.geglu_linear)
 
     python benchmarks/ablation.py --archs sd21 --sizes 512,1024 --out benchmarks/results/ablation_h200.json
 """
@@ -70,6 +72,7 @@ VARIANTS = {
     "- fused residuals": (dataclasses.replace(T, fuse_residuals=False), True),
     "- GroupNorm statistics": (dataclasses.replace(T, group_stats=False), True),
     "- text encoder residuals": (dataclasses.replace(T, fuse_text_residuals=False), True),
+    "+ GEGLU in its GEMM": (dataclasses.replace(T, geglu_linear=ops.geglu_linear_triton), True),
 }
 
 

@@ -1,6 +1,6 @@
-"""benchmarks/ablation.py's variants: each switches off what its name says and nothing else (every op it puts back is
-torch's own, the reference the kernels are tested against; tests/test_backends.py holds the kernels' ops to torch's
-inside the tiny models in channels-last)."""
+"""benchmarks/ablation.py's variants: each switches off what its name says, or a "+" candidate on, and nothing else
+(every op a "-" variant puts back is torch's own, the reference the kernels are tested against;
+tests/test_backends.py holds the kernels' ops to torch's inside the tiny models in channels-last)."""
 
 import dataclasses
 
@@ -27,6 +27,7 @@ EXPECTED = {
     "- fused residuals": (("fuse_residuals",), True),
     "- GroupNorm statistics": (("group_stats",), True),
     "- text encoder residuals": (("fuse_text_residuals",), True),
+    "+ GEGLU in its GEMM": (("geglu_linear",), True),
 }
 
 
@@ -44,6 +45,7 @@ def test_each_variant_switches_off_only_what_it_names(name):
         "fuse_residuals",
         "group_stats",
         "fuse_text_residuals",
+        "geglu_linear",  # a candidate switched on: not torch's (which has none) but the kernel's
     }:
         assert getattr(variant, f) == getattr(ops.TORCH_OPS, f), f"{name}: {f}"
 

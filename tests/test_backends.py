@@ -6,13 +6,14 @@ On CPU the kernels run through Triton's interpreter (tests/conftest.py sets TRIT
 """
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
 from diffrt.backends import BACKENDS, make_backend
 from diffrt.models import ops as ops_mod
-from diffrt.models.layers import Attention
+from diffrt.models.layers import Attention, FeedForward
 from diffrt.models.ops import TORCH_OPS, TRITON_OPS, attention_torch, attention_wide_heads, ops_of, set_ops
 from diffrt.models.unet import UNet2DConditionModel, UNetConfig
 from diffrt.models.vae import AutoencoderKL, AutoencoderKLConfig
@@ -92,6 +93,23 @@ def test_attention_module_on_the_kernel_matches_torch():
         ours = attn(x, ctx).float()
         ref = reference(x.float(), ctx.float())
     assert max_rel_error(ours, ref) <= 2e-2  # bf16 inputs and weights against the fp32 module
+
+
+def test_feed_forward_with_geglu_in_its_gemm_matches_torch(monkeypatch):
+    """The candidate ops.geglu_linear (GEGLU's projection and gate in one Triton GEMM) inside the module, in fp16
+    against the fp32 module; the kernel itself runs (half inputs), not the fallback."""
+    from diffrt.kernels import geglu_linear as kernel
+
+    calls = []
+    monkeypatch.setattr(kernel, "geglu_linear", lambda *a, run=kernel.geglu_linear: calls.append(1) or run(*a))
+    torch.manual_seed(0)
+    ff = FeedForward(48).to(torch.float16).eval()
+    reference = copy.deepcopy(ff).float()
+    set_ops(ff, dataclasses.replace(TRITON_OPS, geglu_linear=ops_mod.geglu_linear_triton))
+    x = torch.randn(2, 24, 48, dtype=torch.float16)
+    with torch.no_grad():
+        ours, ref = ff(x).float(), reference(x.float())
+    assert calls == [1] and max_rel_error(ours, ref) <= 1e-2
 
 
 def test_set_ops_can_go_back_to_torch():

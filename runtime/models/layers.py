@@ -161,6 +161,8 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ops.geglu_linear is not None:  # the projection and the gate in one GEMM (ops.geglu_linear)
+            return self.ops.geglu_linear(x, self.proj.weight, self.proj.bias)
         return self.ops.geglu(self.proj(x))
 
 

@@ -78,6 +78,11 @@ class Ops:
     # The same in the CLIP text encoders' layers. On in TRITON_OPS (text encoder SD2.1 -12%, SDXL's pair -13% on the
     # H200; benchmarks/ablation.py "- text encoder residuals").
     fuse_text_residuals: bool = False
+    # (x [..., K], weight [2D, K], bias [2D]) -> h * gelu(gate) of [h | gate] = x W^T + b, or None: GEGLU's projection
+    # and gate in one GEMM (diffrt.kernels.geglu_linear), the [..., 2D] product never stored. A candidate, off in
+    # TRITON_OPS until the H200 measures it against cuBLAS and the gate kernel (benchmarks/ablation.py "+ GEGLU in
+    # its GEMM"); None runs the projection, then `geglu`.
+    geglu_linear: Callable[..., torch.Tensor] | None = None
 
 
 def _per_channel(shift: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -216,6 +221,15 @@ def geglu_triton(hg: torch.Tensor) -> torch.Tensor:
     from diffrt.kernels.geglu import geglu as kernel
 
     return kernel(hg)
+
+
+def geglu_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if _on_kernels(x):
+        from diffrt.kernels import geglu_linear as kernel
+
+        if kernel.supports(x, weight, bias):
+            return kernel.geglu_linear(x, weight, bias)
+    return geglu_triton(F.linear(x, weight, bias))
 
 
 def upsample_nearest_triton(x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
