@@ -22,6 +22,9 @@ Variants (diffrt.models.ops records built from TRITON_OPS with one entry put bac
                             UNet's (ops.fuse_text_residuals; the text encoder(s) are timed beside the UNet and VAEs)
   + GEGLU in its GEMM       a candidate, off on the fast path: GEGLU's projection and gate in one Triton GEMM
                             instead of cuBLAS's projection and the gate kernel (ops.geglu_linear)
+  + upsampling in its convolution
+                            a candidate, off on the fast path: nearest 2x upsampling and the 3x3 convolution after
+                            it as four 2x2 phase convolutions at the input's resolution (ops.upsample_conv)
 
     python benchmarks/ablation.py --archs sd21 --sizes 512,1024 --out benchmarks/results/ablation_h200.json
 """
@@ -73,6 +76,7 @@ VARIANTS = {
     "- GroupNorm statistics": (dataclasses.replace(T, group_stats=False), True),
     "- text encoder residuals": (dataclasses.replace(T, fuse_text_residuals=False), True),
     "+ GEGLU in its GEMM": (dataclasses.replace(T, geglu_linear=ops.geglu_linear_triton), True),
+    "+ upsampling in its convolution": (dataclasses.replace(T, upsample_conv=ops.upsample_conv_triton), True),
 }
 
 

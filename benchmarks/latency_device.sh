@@ -58,7 +58,7 @@ overhead)
 kernels)
   # One stage per test file, each in its own time box (KERNEL_TEST_S, default 150 s), so that a slow file cannot cut
   # the others' summaries; -x: the first failure prints its traceback at once.
-  for file in ${KERNEL_TESTS:-tests/test_autotune.py tests/test_layer_norm.py tests/test_group_stats.py tests/test_bias_add.py tests/test_geglu.py tests/test_geglu_linear.py tests/test_upsample.py tests/test_candidates_gpu.py tests/test_backends.py tests/test_cuda_graph.py}; do
+  for file in ${KERNEL_TESTS:-tests/test_autotune.py tests/test_layer_norm.py tests/test_group_stats.py tests/test_bias_add.py tests/test_geglu.py tests/test_geglu_linear.py tests/test_upsample.py tests/test_upsample_conv.py tests/test_candidates_gpu.py tests/test_backends.py tests/test_cuda_graph.py}; do
     name=$(basename "$file" .py)
     stage "$name" ${KERNEL_TEST_S:-150} python3 -m pytest -q -x --tb=short -m gpu -p no:cacheprovider -s "$file"
     grep -E "max abs|passed|failed|Error" "$OUT/$name.log" | tail -n 12

@@ -28,6 +28,7 @@ EXPECTED = {
     "- GroupNorm statistics": (("group_stats",), True),
     "- text encoder residuals": (("fuse_text_residuals",), True),
     "+ GEGLU in its GEMM": (("geglu_linear",), True),
+    "+ upsampling in its convolution": (("upsample_conv",), True),
 }
 
 
@@ -45,7 +46,8 @@ def test_each_variant_switches_off_only_what_it_names(name):
         "fuse_residuals",
         "group_stats",
         "fuse_text_residuals",
-        "geglu_linear",  # a candidate switched on: not torch's (which has none) but the kernel's
+        "geglu_linear",  # the candidates switched on: not torch's (which has none) but the kernels'
+        "upsample_conv",
     }:
         assert getattr(variant, f) == getattr(ops.TORCH_OPS, f), f"{name}: {f}"
 

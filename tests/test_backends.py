@@ -112,6 +112,25 @@ def test_feed_forward_with_geglu_in_its_gemm_matches_torch(monkeypatch):
     assert calls == [1] and max_rel_error(ours, ref) <= 1e-2
 
 
+def test_vae_decoder_with_upsampling_in_its_convolutions_matches_torch(monkeypatch):
+    """The candidate ops.upsample_conv (each upsampler and its 3x3 convolution as four 2x2 phase convolutions) in the
+    decoder, channels-last, against torch's modules; its cached phase kernels follow a weight changed in place."""
+    monkeypatch.setattr(ops_mod, "UPSAMPLE_CONV_MIN_PIXELS", 0)  # the tiny decoder's upsamplers are 3x4 to 12x16
+    torch.manual_seed(0)
+    reference = AutoencoderKL(AutoencoderKLConfig.preset("tiny")).eval().to(memory_format=torch.channels_last)
+    candidate = dataclasses.replace(TRITON_OPS, upsample_conv=ops_mod.upsample_conv_triton)
+    on_kernels = set_ops(copy.deepcopy(reference), candidate)
+    z = torch.randn(1, 4, 3, 4).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ours, ref = on_kernels.decode(z), reference.decode(z)
+        assert max_rel_error(ours, ref) <= 1e-4
+        upsamplers = [m for m in on_kernels.modules() if type(m).__name__ == "Upsample2D"]
+        assert upsamplers and all(ops_mod._PHASES in m.conv.__dict__ for m in upsamplers), "the candidate did not run"
+        for model in (on_kernels, reference):  # as a LoRA merge would: in place
+            [m for m in model.modules() if type(m).__name__ == "Upsample2D"][0].conv.weight.mul_(1.5)
+        assert max_rel_error(on_kernels.decode(z), reference.decode(z)) <= 1e-4
+
+
 def test_set_ops_can_go_back_to_torch():
     unet = set_ops(UNet2DConditionModel(UNetConfig.preset("tiny-sd15")), TRITON_OPS)
     assert ops_of(set_ops(unet, TORCH_OPS)) == {"torch"}

@@ -5,8 +5,9 @@ taken by the ResNet blocks' residual adds (ops.group_stats), the CUDA-graph pipe
 (torch ops, the same weights) as it is without them, never NaN, at a square and a non-square size. The first two give
 the same images bit for bit or nearly (the same dot products); the residuals round their sums in another order, which a
 random tiny model amplifies to a few hundredths in 0..1 either way (run 13, benchmarks/NOTES_kernels.md), so each is
-held to the reference rather than to the other. A candidate not yet on the fast path (GEGLU's projection and gate in
-one GEMM, ops.geglu_linear) is held to the reference the same way, against the fast path without it."""
+held to the reference rather than to the other. The candidates not yet on the fast path (GEGLU's projection and gate
+in one GEMM, ops.geglu_linear; the upsamplers as phase convolutions, ops.upsample_conv) are held to the reference
+the same way, each against the fast path without it."""
 
 import dataclasses
 
@@ -22,7 +23,7 @@ from diffrt.models.taesd import AutoencoderTiny, TAESDConfig
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
 LATEST = ("fuse_projections", "taesd_epilogues", "fuse_residuals", "fuse_text_residuals", "group_stats")
 WITHOUT = dataclasses.replace(TRITON_OPS, name="triton-previous", **dict.fromkeys(LATEST, False))
-CANDIDATE = dataclasses.replace(TRITON_OPS, name="triton-candidate", geglu_linear=ops.geglu_linear_triton)
+CANDIDATES = {"geglu_linear": ops.geglu_linear_triton, "upsample_conv": ops.upsample_conv_triton}
 
 
 def pipeline(backend, taesd: bool, dtype=torch.float16) -> diffrt.Pipeline:
@@ -54,14 +55,17 @@ def test_the_fast_path_is_as_close_to_fp32_as_without_them(taesd, height, width)
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("candidate", list(CANDIDATES))
 @pytest.mark.parametrize("height,width", [(64, 64), (64, 96)])
-def test_the_candidate_is_as_close_to_fp32_as_the_fast_path(height, width):
-    assert TRITON_OPS.geglu_linear is None  # still a candidate: when it goes on, LATEST takes it
+def test_each_candidate_is_as_close_to_fp32_as_the_fast_path(candidate, height, width, monkeypatch):
+    assert getattr(TRITON_OPS, candidate) is None  # still a candidate: when it goes on, LATEST takes it
+    monkeypatch.setattr(ops, "UPSAMPLE_CONV_MIN_PIXELS", 0)  # the tiny VAE's upsamplers are 8x8 to 32x48
     kw = {"height": height, "width": width, "steps": 2, "seed": 4, "output_type": "pt"}
     reference = pipeline("torch", False, torch.float32)("a photo of a cat", **kw).float()
     fast = pipeline(CudaGraphBackend(TRITON_OPS), False)("a photo of a cat", **kw).float()
-    got = pipeline(CudaGraphBackend(CANDIDATE), False)("a photo of a cat", **kw).float()
+    on = dataclasses.replace(TRITON_OPS, name=f"triton+{candidate}", **{candidate: CANDIDATES[candidate]})
+    got = pipeline(CudaGraphBackend(on), False)("a photo of a cat", **kw).float()
     assert torch.isfinite(got).all() and got.std() > 1e-3
     err, err_fast = ((x - reference).abs().max().item() for x in (got, fast))
-    print(f"geglu_linear {height}x{width}: max abs error in 0..1 against fp32 {err:.4f}, fast path {err_fast:.4f}")
+    print(f"{candidate} {height}x{width}: max abs error in 0..1 against fp32 {err:.4f}, fast path {err_fast:.4f}")
     assert err <= 1.25 * err_fast + 2 / 255, (err, err_fast)

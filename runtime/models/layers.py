@@ -283,4 +283,6 @@ class Upsample2D(nn.Module):
         self.conv = Conv2d(channels, out_channels or channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        if self.ops.upsample_conv is not None and size is None:  # both at x's resolution (ops.upsample_conv)
+            return self.ops.upsample_conv(x, self.conv)
         return self.conv(self.ops.upsample_nearest(x, size))

@@ -83,6 +83,11 @@ class Ops:
     # TRITON_OPS until the H200 measures it against cuBLAS and the gate kernel (benchmarks/ablation.py "+ GEGLU in
     # its GEMM"); None runs the projection, then `geglu`.
     geglu_linear: Callable[..., torch.Tensor] | None = None
+    # (x [N, C, H, W], conv: a 3x3 Conv2d) -> conv(nearest 2x upsampling of x), or None: the upsampling and its
+    # convolution as four 2x2 phase convolutions at x's resolution (diffrt.kernels.upsample_conv: 16 multiply-adds
+    # per input pixel and channel instead of 36, no upsampled tensor). A candidate, off in TRITON_OPS until the H200
+    # measures it (benchmarks/ablation.py "+ upsampling in its convolution"); None upsamples, then convolves.
+    upsample_conv: Callable[..., torch.Tensor] | None = None
 
 
 def _per_channel(shift: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -239,6 +244,36 @@ def upsample_nearest_triton(x: torch.Tensor, size: tuple[int, int] | None = None
     from diffrt.kernels.upsample import upsample_nearest2x as kernel
 
     return kernel(x)
+
+
+# The phase convolution has 16 taps of weights where the 3x3 has 9: it pays where the convolution is compute-bound,
+# with many input pixels per weight (the VAE decoder's upsamplers: 64x64 and more), not where it is weight-bound (the
+# UNet's 8x8 to 32x32), which keep upsample-then-convolve.
+UPSAMPLE_CONV_MIN_PIXELS = 64 * 64
+_PHASES = "_diffrt_phase_weights"  # a Conv2d's cached phase kernels, with the weight's identity and version
+
+
+def _phase_weights_of(conv: nn.Conv2d) -> torch.Tensor:
+    from diffrt.kernels.upsample_conv import phase_weights
+
+    w = conv.weight
+    key = (w.data_ptr(), w._version, w.dtype, w.device)  # in-place changes (a LoRA merged) bump the version
+    cached = conv.__dict__.get(_PHASES)
+    if cached is None or cached[0] != key:
+        cached = (key, phase_weights(w.detach()))
+        conv.__dict__[_PHASES] = cached
+    return cached[1]
+
+
+def upsample_conv_triton(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    from diffrt.kernels import upsample_conv as kernel
+
+    plain = (conv.stride, conv.padding, conv.dilation, conv.groups) == ((1, 1), (1, 1), (1, 1), 1)
+    bias_ok = conv.bias is None or conv.bias.dtype == x.dtype
+    pixels = x.shape[0] * x.shape[-2] * x.shape[-1] if x.dim() == 4 else 0
+    if plain and bias_ok and _on_kernels(x) and pixels >= UPSAMPLE_CONV_MIN_PIXELS and kernel.supports(x, conv.weight):
+        return kernel.upsample_conv2x(x, _phase_weights_of(conv), conv.bias)
+    return conv(upsample_nearest_triton(x))
 
 
 def attention_wide_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
