@@ -131,6 +131,24 @@ def test_vae_decoder_with_upsampling_in_its_convolutions_matches_torch(monkeypat
         assert max_rel_error(on_kernels.decode(z), reference.decode(z)) <= 1e-4
 
 
+def test_taesd_decoder_with_upsampling_in_its_convolutions_matches_torch(monkeypatch):
+    """TAESD's upsamplers and the unbiased 3x3 convolutions after them on the candidate ops.upsample_conv."""
+    from diffrt.models.taesd import AutoencoderTiny, TAESDConfig
+
+    monkeypatch.setattr(ops_mod, "UPSAMPLE_CONV_MIN_PIXELS", 0)
+    calls = []
+    monkeypatch.setattr(ops_mod, "_phase_weights_of", lambda conv, inner=ops_mod._phase_weights_of: calls.append(1)
+                        or inner(conv))  # fmt: skip
+    torch.manual_seed(0)
+    reference = AutoencoderTiny(TAESDConfig.preset("tiny")).eval().to(memory_format=torch.channels_last)
+    candidate = dataclasses.replace(TRITON_OPS, upsample_conv=ops_mod.upsample_conv_triton)
+    on_kernels = set_ops(copy.deepcopy(reference), candidate)
+    z = torch.randn(1, 4, 3, 4).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert max_rel_error(on_kernels.decode(z), reference.decode(z)) <= 1e-4
+    assert len(calls) == 3  # its three upsamplers
+
+
 def test_set_ops_can_go_back_to_torch():
     unet = set_ops(UNet2DConditionModel(UNetConfig.preset("tiny-sd15")), TRITON_OPS)
     assert ops_of(set_ops(unet, TORCH_OPS)) == {"torch"}

@@ -56,16 +56,18 @@ def test_the_fast_path_is_as_close_to_fp32_as_without_them(taesd, height, width)
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("candidate", list(CANDIDATES))
+@pytest.mark.parametrize("taesd", [False, True], ids=["vae", "taesd"])
 @pytest.mark.parametrize("height,width", [(64, 64), (64, 96)])
-def test_each_candidate_is_as_close_to_fp32_as_the_fast_path(candidate, height, width, monkeypatch):
+def test_each_candidate_is_as_close_to_fp32_as_the_fast_path(candidate, taesd, height, width, monkeypatch):
     assert getattr(TRITON_OPS, candidate) is None  # still a candidate: when it goes on, LATEST takes it
     monkeypatch.setattr(ops, "UPSAMPLE_CONV_MIN_PIXELS", 0)  # the tiny VAE's upsamplers are 8x8 to 32x48
     kw = {"height": height, "width": width, "steps": 2, "seed": 4, "output_type": "pt"}
-    reference = pipeline("torch", False, torch.float32)("a photo of a cat", **kw).float()
-    fast = pipeline(CudaGraphBackend(TRITON_OPS), False)("a photo of a cat", **kw).float()
+    reference = pipeline("torch", taesd, torch.float32)("a photo of a cat", **kw).float()
+    fast = pipeline(CudaGraphBackend(TRITON_OPS), taesd)("a photo of a cat", **kw).float()
     on = dataclasses.replace(TRITON_OPS, name=f"triton+{candidate}", **{candidate: CANDIDATES[candidate]})
-    got = pipeline(CudaGraphBackend(on), False)("a photo of a cat", **kw).float()
+    got = pipeline(CudaGraphBackend(on), taesd)("a photo of a cat", **kw).float()
     assert torch.isfinite(got).all() and got.std() > 1e-3
     err, err_fast = ((x - reference).abs().max().item() for x in (got, fast))
-    print(f"{candidate} {height}x{width}: max abs error in 0..1 against fp32 {err:.4f}, fast path {err_fast:.4f}")
+    print(f"{candidate} taesd={taesd} {height}x{width}: max abs error in 0..1 against fp32 {err:.4f}, "
+          f"fast path {err_fast:.4f}")  # fmt: skip
     assert err <= 1.25 * err_fast + 2 / 255, (err, err_fast)

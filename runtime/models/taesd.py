@@ -145,7 +145,8 @@ def _conv(ops, conv: nn.Conv2d, x: torch.Tensor, relu: bool = False, residual: t
 
 def _run(ops, layers, x: torch.Tensor) -> torch.Tensor:
     """`layers` in turn; with ops.taesd_epilogues a convolution and the ReLU after it as one epilogue (_conv), and
-    nearest 2x upsampling on ops.upsample_nearest."""
+    nearest 2x upsampling on ops.upsample_nearest; with ops.upsample_conv an upsampling and the unbiased 3x3
+    convolution after it at the input's resolution (as the KL VAE's Upsample2D)."""
     layers = list(layers)
     i = 0
     while i < len(layers):
@@ -156,9 +157,19 @@ def _run(ops, layers, x: torch.Tensor) -> torch.Tensor:
             i += 2 if fused_relu else 1
             continue
         nearest_2x = isinstance(layer, nn.Upsample) and layer.mode == "nearest" and layer.scale_factor in (2, 2.0)
+        after = layers[i + 1] if i + 1 < len(layers) else None
+        if ops.upsample_conv is not None and nearest_2x and _is_plain_3x3(after) and after.bias is None:
+            x = ops.upsample_conv(x, after)
+            i += 2
+            continue
         x = ops.upsample_nearest(x, None) if ops.taesd_epilogues and nearest_2x else layer(x)
         i += 1
     return x
+
+
+def _is_plain_3x3(layer) -> bool:
+    return isinstance(layer, nn.Conv2d) and (layer.kernel_size, layer.stride, layer.padding, layer.groups) == (
+        (3, 3), (1, 1), (1, 1), 1)  # fmt: skip
 
 
 class AutoencoderTinyBlock(nn.Module):
