@@ -25,6 +25,9 @@ Variants (diffrt.models.ops records built from TRITON_OPS with one entry put bac
   + upsampling in its convolution
                             a candidate, off on the fast path: nearest 2x upsampling and the 3x3 convolution after
                             it as four 2x2 phase convolutions at the input's resolution (ops.upsample_conv)
+  + time projections in one GEMM
+                            a candidate, off on the fast path: the UNet's per-block time-embedding projections as one
+                            SiLU and one GEMM (ops.joint_time_projections)
 
     python benchmarks/ablation.py --archs sd21 --sizes 512,1024 --out benchmarks/results/ablation_h200.json
 """
@@ -77,6 +80,7 @@ VARIANTS = {
     "- text encoder residuals": (dataclasses.replace(T, fuse_text_residuals=False), True),
     "+ GEGLU in its GEMM": (dataclasses.replace(T, geglu_linear=ops.geglu_linear_triton), True),
     "+ upsampling in its convolution": (dataclasses.replace(T, upsample_conv=ops.upsample_conv_triton), True),
+    "+ time projections in one GEMM": (dataclasses.replace(T, joint_time_projections=True), True),
 }
 
 

@@ -16,8 +16,8 @@
 #          its own stage of at most KERNEL_TEST_S seconds
 #   ablation: benchmarks/ablation.py (text encoders, UNet step, VAE, TAESD with each optimization off in turn) for
 #          ABLATION_ARCHS (default sd21) at ABLATION_SIZES (default 512,1024)
-#   candidates: the candidates' GPU tests (and the autotune fix's), then the ablation of the candidates against the
-#          fast path for SD2.1 and SDXL at 512² and 1024² (NOTES_kernels.md run 16)
+#   candidates: the ablation of the candidates against the fast path for SD2.1 and SDXL at 512² and 1024²
+#          (NOTES_kernels.md run 16); their GPU tests are the kernels phase's
 #   profile: benchmarks/profile_components.py, kernel by kernel against the FLOP and weight-read floors, for PRESETS
 #   (default "sd21 sdxl") at PROFILE_SIZES (default "512 1024"), a JSON each (minutes, a guess)
 # Usage:  COMMIT=<sha> bash benchmarks/latency_device.sh check
@@ -75,13 +75,9 @@ convs)
   cat "$OUT/conv_shapes.log"
   ;;
 candidates)
+  # The ablation of the candidates against the fast path (their GPU tests: the kernels phase, in the call before)
   export TRITON_CACHE_DIR=/tmp/diffrt-cache
-  for file in tests/test_autotune.py tests/test_geglu_linear.py tests/test_upsample_conv.py tests/test_candidates_gpu.py; do
-    name=$(basename "$file" .py)
-    stage "$name" ${KERNEL_TEST_S:-80} python3 -m pytest -q -x --tb=short -m gpu -p no:cacheprovider -s "$file"
-    grep -E "max abs|passed|failed|Error" "$OUT/$name.log" | tail -n 14
-  done
-  stage ablation ${ABLATION_S:-200} python3 benchmarks/ablation.py --archs sd21,sdxl --sizes 512,1024 --variants "diffrt,+ GEGLU in its GEMM,+ upsampling in its convolution" --budget-s $(( ${ABLATION_S:-200} - 25 )) --commit "$C" --out "$OUT/ablation.json"
+  stage ablation ${ABLATION_S:-330} python3 benchmarks/ablation.py --archs sd21,sdxl --sizes 512,1024 --variants "diffrt,+ GEGLU in its GEMM,+ upsampling in its convolution,+ time projections in one GEMM" --budget-s $(( ${ABLATION_S:-330} - 25 )) --commit "$C" --out "$OUT/ablation.json"
   cat "$OUT/ablation.md" 2>/dev/null
   ;;
 ablation)

@@ -29,6 +29,7 @@ EXPECTED = {
     "- text encoder residuals": (("fuse_text_residuals",), True),
     "+ GEGLU in its GEMM": (("geglu_linear",), True),
     "+ upsampling in its convolution": (("upsample_conv",), True),
+    "+ time projections in one GEMM": (("joint_time_projections",), True),
 }
 
 
@@ -48,6 +49,7 @@ def test_each_variant_switches_off_only_what_it_names(name):
         "fuse_text_residuals",
         "geglu_linear",  # the candidates switched on: not torch's (which has none) but the kernels'
         "upsample_conv",
+        "joint_time_projections",
     }:
         assert getattr(variant, f) == getattr(ops.TORCH_OPS, f), f"{name}: {f}"
 

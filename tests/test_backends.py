@@ -149,6 +149,28 @@ def test_taesd_decoder_with_upsampling_in_its_convolutions_matches_torch(monkeyp
     assert len(calls) == 3  # its three upsamplers
 
 
+@pytest.mark.parametrize("preset", ["tiny-sd15", "tiny-sdxl"])
+def test_unet_with_its_time_projections_in_one_gemm_matches_torch(preset):
+    """The candidate ops.joint_time_projections: every ResNet block's time-embedding projection from one GEMM, none
+    of the blocks' own projections called (in inference; with gradients on they run one by one)."""
+    torch.manual_seed(0)
+    reference = UNet2DConditionModel(UNetConfig.preset(preset)).eval()
+    candidate = set_ops(copy.deepcopy(reference), dataclasses.replace(TRITON_OPS, joint_time_projections=True))
+    own_calls = []
+    blocks, _ = candidate._time_projections
+    for block in blocks:
+        block.time_emb_proj.register_forward_hook(lambda *_: own_calls.append(1))
+    x, t, ctx = _unet_inputs(reference.config, 2, 8, 8, "cpu", torch.float32)
+    c, extra = reference.config, {}
+    if c.addition_embed_type == "text_time":  # SDXL: pooled text and six time ids
+        pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+        extra = {"text_embeds": torch.randn(2, pooled), "time_ids": torch.randn(2, 6)}
+    with torch.no_grad():
+        ours, ref = candidate(x, t, ctx, **extra), reference(x, t, ctx, **extra)
+    assert len(blocks) > 0 and own_calls == []
+    assert max_rel_error(ours, ref) <= 1e-4
+
+
 def test_set_ops_can_go_back_to_torch():
     unet = set_ops(UNet2DConditionModel(UNetConfig.preset("tiny-sd15")), TRITON_OPS)
     assert ops_of(set_ops(unet, TORCH_OPS)) == {"torch"}

@@ -45,6 +45,25 @@ class Conv2d(nn.Conv2d):
         return self.ops.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
+# The attribute under which the UNet hands its time embedding's per-block projections, computed in one GEMM
+# (ops.joint_time_projections), to the ResNet blocks that read that embedding: {block: its time_emb_proj(silu(temb))}.
+TIME_PROJECTIONS = "_diffrt_time_projections"
+
+
+def time_projection(block: "ResnetBlock2D", temb: torch.Tensor) -> torch.Tensor:
+    """block.time_emb_proj(silu(temb)): from the UNet's joint GEMM where it ran, else the block's own."""
+    done = temb.__dict__.get(TIME_PROJECTIONS)
+    if done is not None and block in done:
+        return done[block]
+    return block.time_emb_proj(F.silu(temb))
+
+
+def joint_time_projections(blocks: list["ResnetBlock2D"], joint: JointLinear, temb: torch.Tensor) -> torch.Tensor:
+    """temb carrying every block's projection of it, from one SiLU and one GEMM (`joint` over their time_emb_proj)."""
+    temb.__dict__[TIME_PROJECTIONS] = dict(zip(blocks, joint(F.silu(temb)), strict=True))
+    return temb
+
+
 def _bias_sum(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     return b if a is None else a if b is None else a + b
 
@@ -84,7 +103,7 @@ class ResnetBlock2D(nn.Module):
         h = self.conv1.unbiased(self.norm1(x))
         shift = self.conv1.bias
         if self.time_emb_proj is not None:
-            shift = _bias_sum(self.time_emb_proj(F.silu(temb)), shift)
+            shift = _bias_sum(time_projection(self, temb), shift)
         h = self.conv2.unbiased(self.norm2(h, shift))
         bias = self.conv2.bias
         if self.conv_shortcut is not None:

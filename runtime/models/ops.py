@@ -88,6 +88,10 @@ class Ops:
     # per input pixel and channel instead of 36, no upsampled tensor). A candidate, off in TRITON_OPS until the H200
     # measures it (benchmarks/ablation.py "+ upsampling in its convolution"); None upsamples, then convolves.
     upsample_conv: Callable[..., torch.Tensor] | None = None
+    # The UNet's time-embedding projections (one small GEMM per ResNet block, 22 in SD's UNet, each after a SiLU of
+    # its own) as one SiLU and one GEMM per step (diffrt.models.joint_linear over every block's time_emb_proj). A
+    # candidate, off in TRITON_OPS until measured (benchmarks/ablation.py "+ time projections in one GEMM").
+    joint_time_projections: bool = False
 
 
 def _per_channel(shift: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

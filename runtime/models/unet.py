@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 from diffrt.models.embeddings import TimestepEmbedding, Timesteps
-from diffrt.models.layers import GroupNorm
+from diffrt.models.joint_linear import JointLinear
+from diffrt.models.layers import GroupNorm, ResnetBlock2D, joint_time_projections
+from diffrt.models.ops import TORCH_OPS
 from diffrt.models.unet_blocks import CrossAttention, DownBlock, MidBlock, UpBlock
 from diffrt.models.unet_config import (
     DOWN_TYPES,
@@ -28,6 +30,8 @@ __all__ = ["PRESETS", "UNet2DConditionModel", "UNetConfig"]
 
 class UNet2DConditionModel(nn.Module):
     """eps / v / LCM prediction of an SD-family UNet given latents, timestep and text; diffusers' state_dict keys."""
+
+    ops = TORCH_OPS  # per instance once diffrt.models.ops.set_ops has run
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -80,6 +84,10 @@ class UNet2DConditionModel(nn.Module):
 
         self.conv_norm_out = GroupNorm(groups, ch[0], eps, silu=True)  # diffusers' conv_norm_out + conv_act
         self.conv_out = nn.Conv2d(ch[0], c.out_channels, 3, padding=1)
+        # With ops.joint_time_projections: every ResNet block's time-embedding projection in one GEMM (not a module:
+        # the state dict keeps each block's time_emb_proj)
+        blocks = [m for m in self.modules() if isinstance(m, ResnetBlock2D) and m.time_emb_proj is not None]
+        self._time_projections = (blocks, JointLinear(*(b.time_emb_proj for b in blocks)))
 
     def forward(
         self,
@@ -109,6 +117,8 @@ class UNet2DConditionModel(nn.Module):
             emb = emb + self.add_embedding(torch.cat([text_embeds, time_embeds], dim=-1).to(emb.dtype))
         elif text_embeds is not None or time_ids is not None:
             raise ValueError("text_embeds/time_ids were given, but this UNet has no added conditioning (not SDXL)")
+        if self.ops.joint_time_projections and self._time_projections[0]:
+            emb = joint_time_projections(*self._time_projections, emb)
 
         h = self.conv_in(sample)
         skips = [h]
