@@ -112,15 +112,20 @@ def test_feed_forward_with_geglu_in_its_gemm_matches_torch(monkeypatch):
     assert calls == [1] and max_rel_error(ours, ref) <= 1e-2
 
 
+def _on_upsample_conv(reference: torch.nn.Module, monkeypatch):
+    """(reference in channels-last, its copy on the candidate ops.upsample_conv at any size, a latent)."""
+    monkeypatch.setattr(ops_mod, "UPSAMPLE_CONV_MIN_PIXELS", 0)  # the tiny decoders' upsamplers are 3x4 to 12x16
+    reference = reference.eval().to(memory_format=torch.channels_last)
+    candidate = dataclasses.replace(TRITON_OPS, upsample_conv=ops_mod.upsample_conv_triton)
+    return reference, set_ops(copy.deepcopy(reference), candidate), torch.randn(1, 4, 3, 4).to(
+        memory_format=torch.channels_last)  # fmt: skip
+
+
 def test_vae_decoder_with_upsampling_in_its_convolutions_matches_torch(monkeypatch):
     """The candidate ops.upsample_conv (each upsampler and its 3x3 convolution as four 2x2 phase convolutions) in the
     decoder, channels-last, against torch's modules; its cached phase kernels follow a weight changed in place."""
-    monkeypatch.setattr(ops_mod, "UPSAMPLE_CONV_MIN_PIXELS", 0)  # the tiny decoder's upsamplers are 3x4 to 12x16
     torch.manual_seed(0)
-    reference = AutoencoderKL(AutoencoderKLConfig.preset("tiny")).eval().to(memory_format=torch.channels_last)
-    candidate = dataclasses.replace(TRITON_OPS, upsample_conv=ops_mod.upsample_conv_triton)
-    on_kernels = set_ops(copy.deepcopy(reference), candidate)
-    z = torch.randn(1, 4, 3, 4).to(memory_format=torch.channels_last)
+    reference, on_kernels, z = _on_upsample_conv(AutoencoderKL(AutoencoderKLConfig.preset("tiny")), monkeypatch)
     with torch.no_grad():
         ours, ref = on_kernels.decode(z), reference.decode(z)
         assert max_rel_error(ours, ref) <= 1e-4
@@ -135,15 +140,11 @@ def test_taesd_decoder_with_upsampling_in_its_convolutions_matches_torch(monkeyp
     """TAESD's upsamplers and the unbiased 3x3 convolutions after them on the candidate ops.upsample_conv."""
     from diffrt.models.taesd import AutoencoderTiny, TAESDConfig
 
-    monkeypatch.setattr(ops_mod, "UPSAMPLE_CONV_MIN_PIXELS", 0)
     calls = []
     monkeypatch.setattr(ops_mod, "_phase_weights_of", lambda conv, inner=ops_mod._phase_weights_of: calls.append(1)
                         or inner(conv))  # fmt: skip
     torch.manual_seed(0)
-    reference = AutoencoderTiny(TAESDConfig.preset("tiny")).eval().to(memory_format=torch.channels_last)
-    candidate = dataclasses.replace(TRITON_OPS, upsample_conv=ops_mod.upsample_conv_triton)
-    on_kernels = set_ops(copy.deepcopy(reference), candidate)
-    z = torch.randn(1, 4, 3, 4).to(memory_format=torch.channels_last)
+    reference, on_kernels, z = _on_upsample_conv(AutoencoderTiny(TAESDConfig.preset("tiny")), monkeypatch)
     with torch.no_grad():
         assert max_rel_error(on_kernels.decode(z), reference.decode(z)) <= 1e-4
     assert len(calls) == 3  # its three upsamplers
