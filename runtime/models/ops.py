@@ -264,7 +264,8 @@ def _phase_weights_of(conv: nn.Conv2d) -> torch.Tensor:
     key = (w.data_ptr(), w._version, w.dtype, w.device)  # in-place changes (a LoRA merged) bump the version
     cached = conv.__dict__.get(_PHASES)
     if cached is None or cached[0] != key:
-        cached = (key, phase_weights(w.detach()))
+        # channels-last as the fast path's weights are: cuDNN would convert a contiguous kernel on every call
+        cached = (key, phase_weights(w.detach()).contiguous(memory_format=torch.channels_last))
         conv.__dict__[_PHASES] = cached
     return cached[1]
 
