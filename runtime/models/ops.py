@@ -271,13 +271,14 @@ def _phase_weights_of(conv: nn.Conv2d) -> torch.Tensor:
 
 
 def upsample_conv_triton(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    from diffrt.kernels import upsample_conv as kernel
-
     plain = (conv.stride, conv.padding, conv.dilation, conv.groups) == ((1, 1), (1, 1), (1, 1), 1)
     bias_ok = conv.bias is None or conv.bias.dtype == x.dtype
     pixels = x.shape[0] * x.shape[-2] * x.shape[-1] if x.dim() == 4 else 0
-    if plain and bias_ok and _on_kernels(x) and pixels >= UPSAMPLE_CONV_MIN_PIXELS and kernel.supports(x, conv.weight):
-        return kernel.upsample_conv2x(x, _phase_weights_of(conv), conv.bias)
+    if plain and bias_ok and _on_kernels(x) and pixels >= UPSAMPLE_CONV_MIN_PIXELS:
+        from diffrt.kernels import upsample_conv as kernel  # imported on first use: Triton loads lazily
+
+        if kernel.supports(x, conv.weight):
+            return kernel.upsample_conv2x(x, _phase_weights_of(conv), conv.bias)
     return conv(upsample_nearest_triton(x))
 
 
