@@ -20,14 +20,14 @@ Variants (diffrt.models.ops records built from TRITON_OPS with one entry put bac
                             taking them for the GroupNorm after it (ops.group_stats)
   - text encoder residuals  the CLIP layers' residual adds as kernels of their own, instead of in their GEMMs as the
                             UNet's (ops.fuse_text_residuals; the text encoder(s) are timed beside the UNet and VAEs)
-  + GEGLU in its GEMM       a candidate, off on the fast path: GEGLU's projection and gate in one Triton GEMM
+  + GEGLU in its GEMM       off on the fast path (slower on the H200): GEGLU's projection and gate in one Triton GEMM
                             instead of cuBLAS's projection and the gate kernel (ops.geglu_linear)
-  + upsampling in its convolution
-                            a candidate, off on the fast path: nearest 2x upsampling and the 3x3 convolution after
-                            it as four 2x2 phase convolutions at the input's resolution (ops.upsample_conv)
-  + time projections in one GEMM
-                            a candidate, off on the fast path: the UNet's per-block time-embedding projections as one
-                            SiLU and one GEMM (ops.joint_time_projections)
+  - upsampling in its convolution
+                            nearest 2x upsampling, then the 3x3 convolution at twice the resolution, instead of four
+                            2x2 phase convolutions at the input's (ops.upsample_conv)
+  - time projections in one GEMM
+                            the UNet's time-embedding projections one block at a time, each a SiLU and a GEMV,
+                            instead of one SiLU and one GEMM over all blocks (ops.joint_time_projections)
 
     python benchmarks/ablation.py --archs sd21 --sizes 512,1024 --out benchmarks/results/ablation_h200.json
 """
@@ -79,8 +79,8 @@ VARIANTS = {
     "- GroupNorm statistics": (dataclasses.replace(T, group_stats=False), True),
     "- text encoder residuals": (dataclasses.replace(T, fuse_text_residuals=False), True),
     "+ GEGLU in its GEMM": (dataclasses.replace(T, geglu_linear=ops.geglu_linear_triton), True),
-    "+ upsampling in its convolution": (dataclasses.replace(T, upsample_conv=ops.upsample_conv_triton), True),
-    "+ time projections in one GEMM": (dataclasses.replace(T, joint_time_projections=True), True),
+    "- upsampling in its convolution": (dataclasses.replace(T, upsample_conv=None), True),
+    "- time projections in one GEMM": (dataclasses.replace(T, joint_time_projections=False), True),
 }
 
 

@@ -113,16 +113,16 @@ def test_feed_forward_with_geglu_in_its_gemm_matches_torch(monkeypatch):
 
 
 def _on_upsample_conv(reference: torch.nn.Module, monkeypatch):
-    """(reference in channels-last, its copy on the candidate ops.upsample_conv at any size, a latent)."""
+    """(reference in channels-last, its copy on the fast path's ops.upsample_conv at any size, a latent)."""
     monkeypatch.setattr(ops_mod, "UPSAMPLE_CONV_MIN_PIXELS", 0)  # the tiny decoders' upsamplers are 3x4 to 12x16
     reference = reference.eval().to(memory_format=torch.channels_last)
-    candidate = dataclasses.replace(TRITON_OPS, upsample_conv=ops_mod.upsample_conv_triton)
-    return reference, set_ops(copy.deepcopy(reference), candidate), torch.randn(1, 4, 3, 4).to(
+    assert TRITON_OPS.upsample_conv is ops_mod.upsample_conv_triton
+    return reference, set_ops(copy.deepcopy(reference), TRITON_OPS), torch.randn(1, 4, 3, 4).to(
         memory_format=torch.channels_last)  # fmt: skip
 
 
 def test_vae_decoder_with_upsampling_in_its_convolutions_matches_torch(monkeypatch):
-    """The candidate ops.upsample_conv (each upsampler and its 3x3 convolution as four 2x2 phase convolutions) in the
+    """ops.upsample_conv (each upsampler and its 3x3 convolution as four 2x2 phase convolutions) in the
     decoder, channels-last, against torch's modules; its cached phase kernels follow a weight changed in place."""
     torch.manual_seed(0)
     reference, on_kernels, z = _on_upsample_conv(AutoencoderKL(AutoencoderKLConfig.preset("tiny")), monkeypatch)
@@ -130,14 +130,15 @@ def test_vae_decoder_with_upsampling_in_its_convolutions_matches_torch(monkeypat
         ours, ref = on_kernels.decode(z), reference.decode(z)
         assert max_rel_error(ours, ref) <= 1e-4
         upsamplers = [m for m in on_kernels.modules() if type(m).__name__ == "Upsample2D"]
-        assert upsamplers and all(ops_mod._PHASES in m.conv.__dict__ for m in upsamplers), "the candidate did not run"
+        ran = upsamplers and all(ops_mod._PHASES in m.conv.__dict__ for m in upsamplers)
+        assert ran, "the phase convolutions did not run"
         for model in (on_kernels, reference):  # as a LoRA merge would: in place
             [m for m in model.modules() if type(m).__name__ == "Upsample2D"][0].conv.weight.mul_(1.5)
         assert max_rel_error(on_kernels.decode(z), reference.decode(z)) <= 1e-4
 
 
 def test_taesd_decoder_with_upsampling_in_its_convolutions_matches_torch(monkeypatch):
-    """TAESD's upsamplers and the unbiased 3x3 convolutions after them on the candidate ops.upsample_conv."""
+    """TAESD's upsamplers and the unbiased 3x3 convolutions after them on ops.upsample_conv."""
     from diffrt.models.taesd import AutoencoderTiny, TAESDConfig
 
     calls = []
@@ -152,11 +153,12 @@ def test_taesd_decoder_with_upsampling_in_its_convolutions_matches_torch(monkeyp
 
 @pytest.mark.parametrize("preset", ["tiny-sd15", "tiny-sdxl"])
 def test_unet_with_its_time_projections_in_one_gemm_matches_torch(preset):
-    """The candidate ops.joint_time_projections: every ResNet block's time-embedding projection from one GEMM, none
+    """ops.joint_time_projections (on in TRITON_OPS): every ResNet block's time-embedding projection from one GEMM, none
     of the blocks' own projections called (in inference; with gradients on they run one by one)."""
     torch.manual_seed(0)
     reference = UNet2DConditionModel(UNetConfig.preset(preset)).eval()
-    candidate = set_ops(copy.deepcopy(reference), dataclasses.replace(TRITON_OPS, joint_time_projections=True))
+    assert TRITON_OPS.joint_time_projections
+    candidate = set_ops(copy.deepcopy(reference), TRITON_OPS)
     own_calls = []
     blocks, _ = candidate._time_projections
     for block in blocks:

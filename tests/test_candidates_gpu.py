@@ -1,13 +1,14 @@
 """The fast path's latest optimizations (`-m gpu`, on the device): with attention's projections in one GEMM
 (ops.fuse_projections), TAESD's epilogues (ops.taesd_epilogues), the transformer blocks' and the text encoder's
 residuals added in their projections' GEMMs (ops.fuse_residuals, ops.fuse_text_residuals) and the GroupNorm statistics
-taken by the ResNet blocks' residual adds (ops.group_stats), the CUDA-graph pipeline is as close to the fp32 reference
+taken by the ResNet blocks' residual adds (ops.group_stats), the upsamplers as phase convolutions (ops.upsample_conv)
+and the UNet's time projections in one GEMM (ops.joint_time_projections), the CUDA-graph pipeline is as close to the
+fp32 reference
 (torch ops, the same weights) as it is without them, never NaN, at a square and a non-square size. The first two give
 the same images bit for bit or nearly (the same dot products); the residuals round their sums in another order, which a
 random tiny model amplifies to a few hundredths in 0..1 either way (run 13, benchmarks/NOTES_kernels.md), so each is
-held to the reference rather than to the other. The candidates not yet on the fast path (GEGLU's projection and gate
-in one GEMM, ops.geglu_linear; the upsamplers as phase convolutions, ops.upsample_conv; the UNet's time projections
-in one GEMM, ops.joint_time_projections) are held to the reference the same way, each against the fast path without
+held to the reference rather than to the other. The candidate not on the fast path (GEGLU's projection and gate in
+one GEMM, ops.geglu_linear: slower on the H200) is held to the reference the same way, against the fast path without
 it."""
 
 import dataclasses
@@ -18,14 +19,15 @@ import torch
 import diffrt
 from diffrt.backends.cuda_graph import CudaGraphBackend
 from diffrt.models import ops
-from diffrt.models.ops import TRITON_OPS
+from diffrt.models.ops import TORCH_OPS, TRITON_OPS
 from diffrt.models.taesd import AutoencoderTiny, TAESDConfig
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
-LATEST = ("fuse_projections", "taesd_epilogues", "fuse_residuals", "fuse_text_residuals", "group_stats")
-WITHOUT = dataclasses.replace(TRITON_OPS, name="triton-previous", **dict.fromkeys(LATEST, False))
-CANDIDATES = {"geglu_linear": ops.geglu_linear_triton, "upsample_conv": ops.upsample_conv_triton,
-              "joint_time_projections": True}  # fmt: skip
+LATEST = ("fuse_projections", "taesd_epilogues", "fuse_residuals", "fuse_text_residuals", "group_stats",
+          "upsample_conv", "joint_time_projections")  # fmt: skip
+# each latest one as torch's ops have it: off (False, or None for an op that replaces a pair of layers)
+WITHOUT = dataclasses.replace(TRITON_OPS, name="triton-previous", **{f: getattr(TORCH_OPS, f) for f in LATEST})
+CANDIDATES = {"geglu_linear": ops.geglu_linear_triton}
 
 
 def pipeline(backend, taesd: bool, dtype=torch.float16) -> diffrt.Pipeline:
@@ -54,8 +56,9 @@ def errors_against_fp32(ops_with, ops_without, taesd: bool, height: int, width: 
 @gpu
 @pytest.mark.parametrize("taesd", [False, True], ids=["vae", "taesd"])
 @pytest.mark.parametrize("height,width", [(64, 64), (64, 96)])
-def test_the_fast_path_is_as_close_to_fp32_as_without_them(taesd, height, width):
+def test_the_fast_path_is_as_close_to_fp32_as_without_them(taesd, height, width, monkeypatch):
     assert all(getattr(TRITON_OPS, name) for name in LATEST)
+    monkeypatch.setattr(ops, "UPSAMPLE_CONV_MIN_PIXELS", 0)  # the tiny VAE's upsamplers are 8x8 to 32x48
     err, err_without, diff = errors_against_fp32(TRITON_OPS, WITHOUT, taesd, height, width)
     print(f"taesd={taesd} {height}x{width}: max abs error in 0..1 against fp32 {err:.4f}, without them "
           f"{err_without:.4f}, difference {diff:.4f}")  # fmt: skip
@@ -66,9 +69,9 @@ def test_the_fast_path_is_as_close_to_fp32_as_without_them(taesd, height, width)
 @gpu
 @pytest.mark.parametrize(
     "candidate,taesd",
-    [("geglu_linear", False), ("upsample_conv", False), ("upsample_conv", True), ("joint_time_projections", False)],
-    ids=["geglu_linear", "upsample_conv-vae", "upsample_conv-taesd", "joint_time_projections"],
-)  # TAESD where the candidate touches the decoder
+    [("geglu_linear", False)],
+    ids=["geglu_linear"],
+)  # TAESD too, where a candidate touches the decoder
 @pytest.mark.parametrize("height,width", [(64, 64), (64, 96)])
 def test_each_candidate_is_as_close_to_fp32_as_the_fast_path(candidate, taesd, height, width, monkeypatch):
     assert not getattr(TRITON_OPS, candidate)  # still a candidate: when it goes on, LATEST takes it

@@ -79,18 +79,20 @@ class Ops:
     # H200; benchmarks/ablation.py "- text encoder residuals").
     fuse_text_residuals: bool = False
     # (x [..., K], weight [2D, K], bias [2D]) -> h * gelu(gate) of [h | gate] = x W^T + b, or None: GEGLU's projection
-    # and gate in one GEMM (diffrt.kernels.geglu_linear), the [..., 2D] product never stored. A candidate, off in
-    # TRITON_OPS until the H200 measures it against cuBLAS and the gate kernel (benchmarks/ablation.py "+ GEGLU in
-    # its GEMM"); None runs the projection, then `geglu`.
+    # and gate in one GEMM (diffrt.kernels.geglu_linear), the [..., 2D] product never stored. Off in TRITON_OPS:
+    # slower than cuBLAS's projection and the gate kernel on the H200 (UNet step SD2.1 1024² +1.4%, SDXL 512² +2.0%,
+    # 1024² +1.8%; benchmarks/ablation.py "+ GEGLU in its GEMM"); None runs the projection, then `geglu`.
     geglu_linear: Callable[..., torch.Tensor] | None = None
     # (x [N, C, H, W], conv: a 3x3 Conv2d) -> conv(nearest 2x upsampling of x), or None: the upsampling and its
     # convolution as four 2x2 phase convolutions at x's resolution (diffrt.kernels.upsample_conv: 16 multiply-adds
-    # per input pixel and channel instead of 36, no upsampled tensor). A candidate, off in TRITON_OPS until the H200
-    # measures it (benchmarks/ablation.py "+ upsampling in its convolution"); None upsamples, then convolves.
+    # per input pixel and channel instead of 36, no upsampled tensor). On in TRITON_OPS (VAE decode -10% at 512² and
+    # 1024², SD2.1 and SDXL, TAESD decode -2..4% on the H200; benchmarks/ablation.py "- upsampling in its
+    # convolution"); None upsamples, then convolves.
     upsample_conv: Callable[..., torch.Tensor] | None = None
     # The UNet's time-embedding projections (one small GEMM per ResNet block, 22 in SD's UNet, each after a SiLU of
-    # its own) as one SiLU and one GEMM per step (diffrt.models.joint_linear over every block's time_emb_proj). A
-    # candidate, off in TRITON_OPS until measured (benchmarks/ablation.py "+ time projections in one GEMM").
+    # its own) as one SiLU and one GEMM per step (diffrt.models.joint_linear over every block's time_emb_proj). On in
+    # TRITON_OPS (UNet step -0.08..-0.14 ms, SD2.1 and SDXL at 512² and 1024², on the H200; benchmarks/ablation.py
+    # "- time projections in one GEMM").
     joint_time_projections: bool = False
 
 
@@ -326,6 +328,7 @@ TRITON_OPS = Ops(
     "triton", True, group_norm_triton, attention_triton, bias_add_triton, conv2d_triton, geglu_triton,
     upsample_nearest_triton, fuse_projections=True, taesd_epilogues=True, bias_add_stats=bias_add_stats_triton,
     layer_norm=layer_norm_triton, fuse_residuals=True, group_stats=True, fuse_text_residuals=True,
+    upsample_conv=upsample_conv_triton, joint_time_projections=True,
 )  # fmt: skip
 
 
