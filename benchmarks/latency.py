@@ -116,35 +116,50 @@ def measure_peers(res: Results, arch: str, sizes, batches, runs, peers, deadline
     ours = Pipeline.from_pretrained(arch, device="cuda", dtype=torch.float16, backend="torch")
     for impl in peers:
         pipe = peer_lib.diffusers_pipeline(ours, arch)
-        if impl == "diffusers compile":
+        compiled = impl == "diffusers compile"
+        if compiled:
             peer_lib.compile_pipeline(pipe)
         for size in sizes:
             for batch in batches:
                 cell = {"arch": arch, "impl": impl, "batch": batch, "height": size, "width": size}
-                left = deadline - time.time()
-                if impl == "diffusers compile" and left < COMPILE_RESERVE_S:
-                    # a new size recompiles for minutes: do not start what the time box would kill, and say so
-                    print(f"budget: {arch} {impl} b{batch} {size}² not started ({left:.0f} s left, a compile needs"
-                          f" ~{COMPILE_RESERVE_S} s)", flush=True)  # fmt: skip
-                    continue
-                for run in runs:
+                for what in peer_cells(runs, compiled):
                     if time.time() > deadline:
-                        print(f"budget spent: {arch} {impl} b{batch} {size}² e2e {run} and later cells not measured",
+                        print(f"budget spent: {arch} {impl} b{batch} {size}² {what} and later cells not measured",
                               flush=True)  # fmt: skip
                         return
-                    if res.has(**cell, what=f"e2e {run}"):
+                    row = "unet_step" if what == "components" else what  # the components' rows: one stands for all
+                    if res.has(**cell, what=row):
                         continue
+                    left = deadline - time.time()
+                    if compiled and left < COMPILE_RESERVE_S:
+                        # A new size recompiles for minutes, and so can a new run at a size (LCM's integer
+                        # timesteps are a new guard for the UNet): do not start what the time box would kill.
+                        print(f"budget: {arch} {impl} b{batch} {size}² {what} not started ({left:.0f} s left, a"
+                              f" compile needs ~{COMPILE_RESERVE_S} s)", flush=True)  # fmt: skip
+                        continue
+                    graphs = peer_lib.compiled_graphs()
                     try:
-                        res.add(**cell, what=f"e2e {run}", steps=latency.RUNS[run][1],
-                                **peer_lib.end_to_end(pipe, run, batch, size, size))  # fmt: skip
+                        if what == "components":
+                            times = peer_lib.components(pipe, batch, size, size, cfg=False)
+                            for name, t in times.items():
+                                res.add(**cell, what=name, **t, graphs_compiled=peer_lib.compiled_graphs() - graphs)
+                        else:
+                            run = what.removeprefix("e2e ")
+                            out = peer_lib.end_to_end(pipe, run, batch, size, size)
+                            res.add(**cell, what=what, steps=latency.RUNS[run][1], **out,
+                                    graphs_compiled=peer_lib.compiled_graphs() - graphs)  # fmt: skip
                     except torch.OutOfMemoryError:
-                        res.add(**cell, what=f"e2e {run}", median_ms=None, note="out of memory")
+                        res.add(**cell, what=row, median_ms=None, note="out of memory")
                         torch.cuda.empty_cache()
-                if impl == "diffusers compile" and not res.has(**cell, what="unet_step"):
-                    for name, t in peer_lib.components(pipe, batch, size, size, cfg=False).items():
-                        res.add(**cell, what=name, **t)
         del pipe
         torch.cuda.empty_cache()
+
+
+def peer_cells(runs, compiled: bool) -> list[str]:
+    """What to measure of a peer at one size, in order. The compile peer's components come right after its first run,
+    whose graphs they replay (the same shapes and arguments), before a later run's recompile can use up the call."""
+    cells = [f"e2e {run}" for run in runs]
+    return cells[:1] + ["components"] + cells[1:] if compiled else cells
 
 
 def call_of(row: dict) -> str | None:

@@ -77,18 +77,30 @@ def diffusers_pipeline(ours: Pipeline, arch: str):
     else:
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipe = diffusers.StableDiffusionPipeline(**kwargs)
-    # fp16 throughout: diffusers' SDXL pipeline upcasts its VAE to fp32 around each decode itself (force_upcast), as
-    # diffrt runs that VAE in fp32.
+    # fp16 throughout: diffusers' SDXL pipeline upcasts its VAE to fp32 around each decode itself (force_upcast), its
+    # default for that VAE (diffrt decodes it in bf16); the peer's components time its decode in fp16.
     pipe = pipe.to(device=ours.device, dtype=ours.dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def compile_pipeline(pipe) -> None:
-    """torch.compile(mode="reduce-overhead", fullgraph=True) on the UNet and the VAE decode, cudnn.benchmark on."""
+    """torch.compile(mode="reduce-overhead", fullgraph=True, dynamic=False) on the UNet and the VAE decode,
+    cudnn.benchmark on.
+
+    dynamic=False: by default (dynamic=None) the second shape a compiled module sees is recompiled with symbolic
+    sizes, so in a call that measured 512² first, the peer's 1024² ran kernels made for any size. A user who serves
+    one size compiles it static; each size here gets its own static graph, as it would in that user's process."""
     torch.backends.cudnn.benchmark = True
-    pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
-    pipe.vae.decode = torch.compile(pipe.vae.decode, mode="reduce-overhead", fullgraph=True)
+    pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    pipe.vae.decode = torch.compile(pipe.vae.decode, mode="reduce-overhead", fullgraph=True, dynamic=False)
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has compiled in this process: a row's difference says whether its calls recompiled."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def use_scheduler(pipe, sampler: str) -> None:
@@ -143,8 +155,18 @@ def components(pipe, batch: int, height: int, width: int, cfg: bool, repeats: in
                 if added is None
                 else pipe.encode_prompt(PROMPT, None, device, batch, False)
             ),
-            "unet_step": lambda: pipe.unet(x, t, embeds, added_cond_kwargs=added),
-            "decode": lambda: pipe.vae.decode(z / pipe.vae.config.scaling_factor),
+            # the arguments the pipeline passes, so that the compiled graphs of its runs are the ones replayed here
+            # (another return_dict would be a new guard and a recompile)
+            "unet_step": lambda: pipe.unet(
+                x,
+                t,
+                encoder_hidden_states=embeds,
+                timestep_cond=None,
+                cross_attention_kwargs=None,
+                added_cond_kwargs=added,
+                return_dict=False,
+            ),
+            "decode": lambda: pipe.vae.decode(z / pipe.vae.config.scaling_factor, return_dict=False, generator=None),
         }
         return {name: event_times(fn, repeats) for name, fn in calls.items()}
 

@@ -1,7 +1,8 @@
 """benchmarks/latency.py's markdown table: a merged results file holds the rows of several device calls, so a ratio is
 formed only between rows of one call (diffrt and its peer timed on one host; rows from before rows named their call
 stand for their commit's), every line names the commit(s) of its rows, and end to end is set against its components
-only when they come from one call."""
+only when they come from one call. And the compile peer's order within a call: its components on its first run's
+graphs, no run started that the time box would cut, each row's compiles counted."""
 
 from benchmarks.latency import markdown, merged
 
@@ -67,3 +68,52 @@ def test_a_merge_replaces_the_cells_a_later_call_measured_and_keeps_the_rest():
     got = {(r["impl"], r["what"]): (r["median_ms"], r["commit"]) for r in merged(old, new)}
     assert got == {("diffrt", "unet_step"): (4.5, "c1"), ("diffrt", "decode"): (5.5, "c2"),
                    ("diffusers compile", "decode"): (7.5, "c1")}  # fmt: skip
+
+
+def fake_peers(monkeypatch, compile_s: float = 0.0) -> list[str]:
+    """benchmarks.peers with its pipelines replaced by a log of what was measured; each measurement compiles one graph
+    (a counter the rows must carry) and advances the clock by compile_s."""
+    from benchmarks import latency, peers
+
+    log, clock = [], [1000.0]
+    monkeypatch.setattr(latency.time, "time", lambda: clock[0])
+    monkeypatch.setattr(latency.Pipeline, "from_pretrained", staticmethod(lambda *a, **k: None))
+    monkeypatch.setattr(peers, "diffusers_pipeline", lambda ours, arch: "pipe")
+    monkeypatch.setattr(peers, "compile_pipeline", lambda pipe: log.append("compile"))
+
+    def measured(name: str, result):
+        log.append(name)
+        clock[0] += compile_s
+        return result
+
+    monkeypatch.setattr(peers, "compiled_graphs", lambda: len(log))
+    monkeypatch.setattr(peers, "end_to_end", lambda pipe, run, *a: measured(run, {"median_ms": 1.0}))
+    names = ("text_encoder", "unet_step", "decode")
+    monkeypatch.setattr(
+        peers, "components", lambda *a, **k: measured("components", {n: {"median_ms": 1.0} for n in names})
+    )
+    return log
+
+
+def test_the_compile_peer_times_its_components_right_after_its_first_run_and_names_its_compiles(tmp_path, monkeypatch):
+    from benchmarks.latency import Results, measure_peers
+
+    log = fake_peers(monkeypatch)
+    res = Results(str(tmp_path / "rows.json"), {"commit": "c1"})
+    measure_peers(res, "sd21", [512], [1], ["1 step", "LCM 4 steps"], ["diffusers compile"], deadline=5000.0)
+    assert log == ["compile", "1 step", "components", "LCM 4 steps"]
+    assert [r["what"] for r in res.rows] == ["e2e 1 step", "text_encoder", "unet_step", "decode", "e2e LCM 4 steps"]
+    assert all(r["graphs_compiled"] == 1 for r in res.rows)  # each measurement's own compile, nothing else's
+
+
+def test_the_compile_peer_starts_no_run_the_time_box_would_cut_and_says_so(tmp_path, monkeypatch, capsys):
+    from benchmarks.latency import COMPILE_RESERVE_S, Results, measure_peers
+
+    log = fake_peers(monkeypatch, compile_s=COMPILE_RESERVE_S)  # each run takes one compile's reserve
+    res = Results(str(tmp_path / "rows.json"), {"commit": "c1"})
+    runs = ["1 step", "LCM 4 steps"]
+    measure_peers(res, "sd21", [512], [1], runs, ["diffusers compile"], deadline=1000.0 + 1.5 * COMPILE_RESERVE_S)
+    assert log == ["compile", "1 step"]  # 0.5 of a reserve left after it: neither the components nor LCM start
+    out = capsys.readouterr().out
+    assert "e2e LCM 4 steps not started" in out and "components not started" in out
+    assert [r["what"] for r in res.rows] == ["e2e 1 step"]
