@@ -95,6 +95,8 @@ profile)
   ;;
 sd21|sdxl|sd15)
   export TRITON_CACHE_DIR=/tmp/diffrt-cache
+  # the compile peer's recompiles and their guards in latency.log (a row's graphs_compiled says how many, this why)
+  export TORCH_LOGS=${TORCH_LOGS:-recompiles}
   if [ "$PHASE" = sd21 ] && [ "${TESTS:-1}" = 1 ]; then
     stage gpu_tests 90 python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_cuda_graph.py tests/test_backends.py tests/test_samplers.py tests/test_attention.py
     grep -E "max abs|passed|failed|Error" "$OUT/gpu_tests.log" | tail -n 12

@@ -6,6 +6,7 @@ GPU, text encoder included, median of repeats after warm-up calls; the first cal
 import dataclasses
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -101,6 +102,17 @@ def compiled_graphs() -> int:
     from torch._dynamo.utils import counters
 
     return counters["stats"]["unique_graphs"]
+
+
+def inductor_cache() -> str:
+    """ "warm" when torch.compile's on-disk cache already holds entries (an earlier process on this machine compiled
+    into it), else "cold"."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+    except ImportError:  # an older torch
+        from torch._inductor.runtime.runtime_utils import cache_dir
+    path = Path(cache_dir())
+    return "warm" if path.is_dir() and any(path.iterdir()) else "cold"
 
 
 def use_scheduler(pipe, sampler: str) -> None:

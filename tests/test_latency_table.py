@@ -70,7 +70,7 @@ def test_a_merge_replaces_the_cells_a_later_call_measured_and_keeps_the_rest():
                    ("diffusers compile", "decode"): (7.5, "c1")}  # fmt: skip
 
 
-def fake_peers(monkeypatch, compile_s: float = 0.0) -> list[str]:
+def fake_peers(monkeypatch, compile_s: float = 0.0, first_call_s: float | None = None) -> list[str]:
     """benchmarks.peers with its pipelines replaced by a log of what was measured; each measurement compiles one graph
     (a counter the rows must carry) and advances the clock by compile_s."""
     from benchmarks import latency, peers
@@ -80,6 +80,7 @@ def fake_peers(monkeypatch, compile_s: float = 0.0) -> list[str]:
     monkeypatch.setattr(latency.Pipeline, "from_pretrained", staticmethod(lambda *a, **k: None))
     monkeypatch.setattr(peers, "diffusers_pipeline", lambda ours, arch: "pipe")
     monkeypatch.setattr(peers, "compile_pipeline", lambda pipe: log.append("compile"))
+    monkeypatch.setattr(peers, "inductor_cache", lambda: "cold")
 
     def measured(name: str, result):
         log.append(name)
@@ -87,7 +88,8 @@ def fake_peers(monkeypatch, compile_s: float = 0.0) -> list[str]:
         return result
 
     monkeypatch.setattr(peers, "compiled_graphs", lambda: len(log))
-    monkeypatch.setattr(peers, "end_to_end", lambda pipe, run, *a: measured(run, {"median_ms": 1.0}))
+    first = {} if first_call_s is None else {"first_call_s": first_call_s}
+    monkeypatch.setattr(peers, "end_to_end", lambda pipe, run, *a: measured(run, {"median_ms": 1.0, **first}))
     names = ("text_encoder", "unet_step", "decode")
     monkeypatch.setattr(
         peers, "components", lambda *a, **k: measured("components", {n: {"median_ms": 1.0} for n in names})
@@ -104,6 +106,7 @@ def test_the_compile_peer_times_its_components_right_after_its_first_run_and_nam
     assert log == ["compile", "1 step", "components", "LCM 4 steps"]
     assert [r["what"] for r in res.rows] == ["e2e 1 step", "text_encoder", "unet_step", "decode", "e2e LCM 4 steps"]
     assert all(r["graphs_compiled"] == 1 for r in res.rows)  # each measurement's own compile, nothing else's
+    assert all(r["inductor_cache_at_start"] == "cold" for r in res.rows)
 
 
 def test_the_compile_peer_starts_no_run_the_time_box_would_cut_and_says_so(tmp_path, monkeypatch, capsys):
@@ -117,3 +120,16 @@ def test_the_compile_peer_starts_no_run_the_time_box_would_cut_and_says_so(tmp_p
     out = capsys.readouterr().out
     assert "e2e LCM 4 steps not started" in out and "components not started" in out
     assert [r["what"] for r in res.rows] == ["e2e 1 step"]
+
+
+def test_after_a_quick_first_call_a_later_run_needs_less_than_a_cold_compile(tmp_path, monkeypatch):
+    from benchmarks.latency import COMPILE_RESERVE_S, LATER_RUN_RESERVE_S, Results, measure_peers
+
+    # each measurement takes 80 s; the first run's first call took 40 s (a warm cache): 60 s kept for the next
+    log = fake_peers(monkeypatch, compile_s=80.0, first_call_s=40.0)
+    res = Results(str(tmp_path / "rows.json"), {"commit": "c1"})
+    runs = ["1 step", "LCM 4 steps"]
+    measure_peers(res, "sd21", [512], [1], runs, ["diffusers compile"], deadline=1000.0 + COMPILE_RESERVE_S + 10)
+    assert LATER_RUN_RESERVE_S == 60
+    # after the first run 130 s are left (a cold reserve would stop there): the components start, then 50 s: not LCM
+    assert log == ["compile", "1 step", "components"]
