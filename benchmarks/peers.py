@@ -57,8 +57,11 @@ def diffusers_vae(ours: torch.nn.Module):
     return vae
 
 
-def diffusers_pipeline(ours: Pipeline, arch: str):
-    """diffusers' StableDiffusion(XL)Pipeline holding a copy of `ours`' weights, on its device and in its dtype."""
+def diffusers_pipeline(ours: Pipeline, arch: str, vae_upcast: bool = True):
+    """diffusers' StableDiffusion(XL)Pipeline holding a copy of `ours`' weights, on its device and in its dtype.
+
+    vae_upcast=False clears the VAE's force_upcast, as SDXL users who swap in an fp16-safe VAE run it: diffusers'
+    SDXL pipeline otherwise moves the whole VAE to fp32 and back around every decode."""
     import diffusers
     from transformers import CLIPTokenizer
 
@@ -78,8 +81,10 @@ def diffusers_pipeline(ours: Pipeline, arch: str):
     else:
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipe = diffusers.StableDiffusionPipeline(**kwargs)
-    # fp16 throughout: diffusers' SDXL pipeline upcasts its VAE to fp32 around each decode itself (force_upcast), its
-    # default for that VAE (diffrt decodes it in bf16); the peer's components time its decode in fp16.
+    # fp16 throughout: with force_upcast (SDXL's VAE config) diffusers' SDXL pipeline upcasts its VAE to fp32 around
+    # each decode itself (diffrt decodes it in bf16); the peer's components time its decode in fp16 either way.
+    if not vae_upcast:
+        pipe.vae.register_to_config(force_upcast=False)
     pipe = pipe.to(device=ours.device, dtype=ours.dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -4,6 +4,8 @@ stand for their commit's), every line names the commit(s) of its rows, and end t
 only when they come from one call. And the compile peer's order within a call: its components on its first run's
 graphs, no run started that the time box would cut, each row's compiles counted."""
 
+import types
+
 from benchmarks.latency import markdown, merged
 
 
@@ -78,7 +80,8 @@ def fake_peers(monkeypatch, compile_s: float = 0.0, first_call_s: float | None =
     log, clock = [], [1000.0]
     monkeypatch.setattr(latency.time, "time", lambda: clock[0])
     monkeypatch.setattr(latency.Pipeline, "from_pretrained", staticmethod(lambda *a, **k: None))
-    monkeypatch.setattr(peers, "diffusers_pipeline", lambda ours, arch: "pipe")
+    vae = types.SimpleNamespace(config=types.SimpleNamespace(force_upcast=False))
+    monkeypatch.setattr(peers, "diffusers_pipeline", lambda ours, arch, vae_upcast: types.SimpleNamespace(vae=vae))
     monkeypatch.setattr(peers, "compile_pipeline", lambda pipe: log.append("compile"))
     monkeypatch.setattr(peers, "inductor_cache", lambda: "cold")
 
@@ -106,7 +109,7 @@ def test_the_compile_peer_times_its_components_right_after_its_first_run_and_nam
     assert log == ["compile", "1 step", "components", "LCM 4 steps"]
     assert [r["what"] for r in res.rows] == ["e2e 1 step", "text_encoder", "unet_step", "decode", "e2e LCM 4 steps"]
     assert all(r["graphs_compiled"] == 1 for r in res.rows)  # each measurement's own compile, nothing else's
-    assert all(r["inductor_cache_at_start"] == "cold" for r in res.rows)
+    assert all(r["inductor_cache_at_start"] == "cold" and r["peer_vae_upcast"] is False for r in res.rows)
 
 
 def test_the_compile_peer_starts_no_run_the_time_box_would_cut_and_says_so(tmp_path, monkeypatch, capsys):
