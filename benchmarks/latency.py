@@ -174,7 +174,8 @@ def later_run_reserve_s(first_call_s: float) -> float:
 
 def peer_cells(runs, compiled: bool) -> list[str]:
     """What to measure of a peer at one size, in order. The compile peer's components come right after its first run,
-    whose graphs they replay (the same shapes and arguments), before a later run's recompile can use up the call."""
+    whose graphs they are meant to replay (the same shapes and arguments; their rows' graphs_compiled, counted over
+    all three, says whether they did), before a later run's recompile can use up the call."""
     cells = [f"e2e {run}" for run in runs]
     return cells[:1] + ["components"] + cells[1:] if compiled else cells
 

@@ -1,7 +1,8 @@
 """The peers a user would otherwise pick, on the same random weights as a diffrt pipeline: diffusers' pipelines,
 eager (SDPA) and with `torch.compile(mode="reduce-overhead")` on the UNet and the VAE decode (diffusers' speed guide;
 cudnn.benchmark on). Their end-to-end timing is the same as diffrt's (diffrt.latency): prompt to image tensor on the
-GPU, text encoder included, median of repeats after warm-up calls; the first call's time is the compile time."""
+GPU, text encoder included, median of repeats after warm-up calls; the first call's time is the compile time (a cold
+one only where the rows' inductor_cache_at_start says "cold")."""
 
 import dataclasses
 import tempfile
@@ -110,8 +111,8 @@ def compiled_graphs() -> int:
 
 
 def inductor_cache() -> str:
-    """ "warm" when torch.compile's on-disk cache already holds entries (an earlier process on this machine compiled
-    into it), else "cold"."""
+    """Whether torch.compile's on-disk cache already holds entries: "warm" (an earlier process on this machine
+    compiled into it, so a first call is no cold compile) or "cold"."""
     try:
         from torch._inductor.runtime.cache_dir_utils import cache_dir
     except ImportError:  # an older torch
@@ -172,8 +173,8 @@ def components(pipe, batch: int, height: int, width: int, cfg: bool, repeats: in
                 if added is None
                 else pipe.encode_prompt(PROMPT, None, device, batch, False)
             ),
-            # the arguments the pipeline passes, so that the compiled graphs of its runs are the ones replayed here
-            # (another return_dict would be a new guard and a recompile)
+            # the arguments the pipeline passes, meant to replay its runs' compiled graphs (another return_dict would
+            # be a new guard and a recompile; on the device one graph still recompiles, NOTES_latency.md run 15)
             "unet_step": lambda: pipe.unet(
                 x,
                 t,
