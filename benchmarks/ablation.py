@@ -81,6 +81,7 @@ VARIANTS = {
     "+ GEGLU in its GEMM": (dataclasses.replace(T, geglu_linear=ops.geglu_linear_triton), True),
     "- upsampling in its convolution": (dataclasses.replace(T, upsample_conv=None), True),
     "- time projections in one GEMM": (dataclasses.replace(T, joint_time_projections=False), True),
+    "+ SDPA for long self-attention": (dataclasses.replace(T, attention=ops.attention_by_shape), True),
 }
 
 

@@ -30,6 +30,7 @@ EXPECTED = {
     "+ GEGLU in its GEMM": (("geglu_linear",), True),
     "- upsampling in its convolution": (("upsample_conv",), True),
     "- time projections in one GEMM": (("joint_time_projections",), True),
+    "+ SDPA for long self-attention": (("attention",), True),
 }
 
 
@@ -63,3 +64,21 @@ def test_the_narrow_heads_variant_sends_only_wide_heads_to_torch(monkeypatch):
         q = torch.zeros(1, 1, 4, d)
         attention(q, q, q)
     assert calls == [("kernels", 64), ("torch", 512)]
+
+
+def test_the_sdpa_candidate_sends_only_long_self_attention_with_narrow_heads_to_torch(monkeypatch):
+    calls = []
+    monkeypatch.setattr(ops, "SDPA_SELF_ATTENTION_MIN_QUERIES", 8)
+    monkeypatch.setattr(ops, "attention_torch", lambda q, k, v: calls.append("torch"))
+    monkeypatch.setattr(ops, "attention_triton", lambda q, k, v: calls.append("kernels"))
+    attention = VARIANTS["+ SDPA for long self-attention"][0].attention
+    cases = {  # (queries, keys, head dim) -> where it runs
+        (8, 8, 64): "torch",  # long self-attention
+        (16, 16, 40): "torch",
+        (4, 4, 64): "kernels",  # short
+        (8, 77, 64): "kernels",  # cross-attention to the text
+        (8, 8, 512): "kernels",  # the VAE's wide head: the kernels' own path for it, not SDPA's slow one
+    }
+    for sq, sk, d in cases:
+        attention(torch.zeros(1, 1, sq, d), torch.zeros(1, 1, sk, d), torch.zeros(1, 1, sk, d))
+    assert calls == list(cases.values())

@@ -9,7 +9,7 @@ the same images bit for bit or nearly (the same dot products); the residuals rou
 random tiny model amplifies to a few hundredths in 0..1 either way (run 13, benchmarks/NOTES_kernels.md), so each is
 held to the reference rather than to the other. The candidate not on the fast path (GEGLU's projection and gate in
 one GEMM, ops.geglu_linear: slower on the H200) is held to the reference the same way, against the fast path without
-it."""
+it, and so is the candidate attention by shape (ops.attention_by_shape: long self-attention on torch's SDPA)."""
 
 import dataclasses
 
@@ -80,4 +80,20 @@ def test_each_candidate_is_as_close_to_fp32_as_the_fast_path(candidate, taesd, h
     err, err_fast, diff = errors_against_fp32(on, TRITON_OPS, taesd, height, width)
     print(f"{candidate} taesd={taesd} {height}x{width}: max abs error in 0..1 against fp32 {err:.4f}, "
           f"fast path {err_fast:.4f}, difference {diff:.4f}")  # fmt: skip
+    assert err <= 1.25 * err_fast + 2 / 255, (err, err_fast)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("height,width", [(64, 64), (64, 96)])
+def test_sdpa_for_long_self_attention_is_as_close_to_fp32_as_the_fast_path(height, width, monkeypatch):
+    """ops.attention_by_shape, with its threshold at 0 so that every self-attention of the tiny UNet (at most 96
+    queries) takes torch's SDPA, as SD's 16384-query layers at 1024² would."""
+    assert TRITON_OPS.attention is not ops.attention_by_shape  # still a candidate
+    monkeypatch.setattr(ops, "UPSAMPLE_CONV_MIN_PIXELS", 0)
+    monkeypatch.setattr(ops, "SDPA_SELF_ATTENTION_MIN_QUERIES", 0)
+    on = dataclasses.replace(TRITON_OPS, name="triton+sdpa-long-self-attention", attention=ops.attention_by_shape)
+    err, err_fast, diff = errors_against_fp32(on, TRITON_OPS, False, height, width)
+    print(f"attention_by_shape {height}x{width}: max abs error in 0..1 against fp32 {err:.4f}, fast path "
+          f"{err_fast:.4f}, difference {diff:.4f}")  # fmt: skip
     assert err <= 1.25 * err_fast + 2 / 255, (err, err_fast)

@@ -321,6 +321,22 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
+# Self-attention over at least this many queries is the candidate `attention_by_shape`'s for torch's SDPA: cuDNN's
+# warp-specialised Hopper kernel ran 7-8% faster than ours at 16384 queries (d 40 and 64) and slower on every 77-key
+# cross-attention (benchmarks/NOTES_kernels.md, run 3); 16384 queries are SD's first UNet level at 1024².
+SDPA_SELF_ATTENTION_MIN_QUERIES = 16384
+
+
+def attention_by_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """attention_triton, with long self-attention (as many keys as queries, at least SDPA_SELF_ATTENTION_MIN_QUERIES,
+    heads the kernel takes) on torch's SDPA. A candidate, off in TRITON_OPS until measured (benchmarks/ablation.py
+    "+ SDPA for long self-attention")."""
+    sq, d = q.shape[-2], q.shape[-1]
+    if sq >= SDPA_SELF_ATTENTION_MIN_QUERIES and k.shape[-2] == sq and d <= _MAX_HEAD_DIM:
+        return attention_torch(q, k, v)
+    return attention_triton(q, k, v)
+
+
 TORCH_OPS = Ops(
     "torch", False, group_norm_torch, attention_torch, bias_add_torch, F.conv2d, geglu_torch, upsample_nearest_torch
 )
