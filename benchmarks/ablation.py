@@ -82,6 +82,7 @@ VARIANTS = {
     "- upsampling in its convolution": (dataclasses.replace(T, upsample_conv=None), True),
     "- time projections in one GEMM": (dataclasses.replace(T, joint_time_projections=False), True),
     "+ SDPA for long self-attention": (dataclasses.replace(T, attention=ops.attention_by_shape), True),
+    "+ wide-head softmax in one pass": (dataclasses.replace(T, attention=ops.attention_wide_softmax), True),
 }
 
 

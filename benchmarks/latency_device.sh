@@ -17,9 +17,9 @@
 #          its own stage of at most KERNEL_TEST_S seconds
 #   ablation: benchmarks/ablation.py (text encoders, UNet step, VAE, TAESD with each optimization off in turn) for
 #          ABLATION_ARCHS (default sd21) at ABLATION_SIZES (default 512,1024)
-#   candidates: the ablation of run 18's candidate (NOTES_kernels.md), long self-attention on torch's SDPA, for SD1.5
-#          and SD2.1 at 1024² (where SD's first UNet level has 16384 queries) and 512² (none: the control); its GPU
-#          test is the kernels phase's tests/test_candidates_gpu.py
+#   candidates: the ablation of run 18's candidates (NOTES_kernels.md), long self-attention on torch's SDPA and the
+#          VAE's wide-head softmax in one pass, for SD1.5 and SD2.1 at 1024² (where SD's first UNet level has 16384
+#          queries) and 512²; their GPU tests are the kernels phase's (tests/test_candidates_gpu.py, test_softmax.py)
 #   profile: benchmarks/profile_components.py, kernel by kernel against the FLOP and weight-read floors, for PRESETS
 #   (default "sd21 sdxl") at PROFILE_SIZES (default "512 1024"), a JSON each (minutes, a guess)
 # Usage:  COMMIT=<sha> bash benchmarks/latency_device.sh check
@@ -62,7 +62,7 @@ overhead)
 kernels)
   # One stage per test file, each in its own time box (KERNEL_TEST_S, default 150 s), so that a slow file cannot cut
   # the others' summaries; -x: the first failure prints its traceback at once.
-  for file in ${KERNEL_TESTS:-tests/test_autotune.py tests/test_layer_norm.py tests/test_group_stats.py tests/test_bias_add.py tests/test_geglu.py tests/test_geglu_linear.py tests/test_upsample.py tests/test_upsample_conv.py tests/test_candidates_gpu.py tests/test_backends.py tests/test_cuda_graph.py}; do
+  for file in ${KERNEL_TESTS:-tests/test_autotune.py tests/test_layer_norm.py tests/test_group_stats.py tests/test_bias_add.py tests/test_geglu.py tests/test_geglu_linear.py tests/test_upsample.py tests/test_upsample_conv.py tests/test_softmax.py tests/test_candidates_gpu.py tests/test_backends.py tests/test_cuda_graph.py}; do
     name=$(basename "$file" .py)
     stage "$name" ${KERNEL_TEST_S:-150} python3 -m pytest -q -x --tb=short -m gpu -p no:cacheprovider -s "$file"
     grep -E "max abs|passed|failed|Error" "$OUT/$name.log" | tail -n 12
@@ -79,7 +79,7 @@ convs)
 candidates)
   # The ablation of the candidates against the fast path (their GPU tests: the kernels phase, in the call before)
   export TRITON_CACHE_DIR=/tmp/diffrt-cache
-  stage ablation ${ABLATION_S:-330} python3 benchmarks/ablation.py --archs sd21,sd15 --sizes 1024,512 --variants "diffrt,+ SDPA for long self-attention" --budget-s $(( ${ABLATION_S:-330} - 25 )) --commit "$C" --out "$OUT/ablation.json"
+  stage ablation ${ABLATION_S:-330} python3 benchmarks/ablation.py --archs sd21,sd15 --sizes 1024,512 --variants "diffrt,+ SDPA for long self-attention,+ wide-head softmax in one pass" --budget-s $(( ${ABLATION_S:-330} - 25 )) --commit "$C" --out "$OUT/ablation.json"
   cat "$OUT/ablation.md" 2>/dev/null
   ;;
 ablation)

@@ -284,9 +284,16 @@ def upsample_conv_triton(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return conv(upsample_nearest_triton(x))
 
 
-def attention_wide_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _softmax_then_cast(scores: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return scores.softmax(-1).to(dtype)
+
+
+def attention_wide_heads(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax: Callable[..., torch.Tensor] = _softmax_then_cast
+) -> torch.Tensor:
     """Attention for heads too wide for the kernel (the VAE's one 512-wide head): scores by batched matrix product
-    into fp32, softmax in fp32, in query chunks whose scores stay under WIDE_HEAD_SCORE_BYTES.
+    into fp32, softmax in fp32 (`softmax(scores, dtype)` returns the probabilities in q's dtype), in query chunks whose
+    scores stay under WIDE_HEAD_SCORE_BYTES.
 
     torch's SDPA sends a 512-wide head to its memory-efficient kernel, which ran the SD VAE decoder's attention at
     ~150 TFLOP/s on the H200 (3.8 ms at 1024², benchmarks/NOTES_kernels.md, run 8); this way took 2.2 ms off the
@@ -305,7 +312,7 @@ def attention_wide_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> t
             scores = torch.bmm(qi, kt, out_dtype=torch.float32)
         else:
             scores = torch.bmm(qi, kt).float() if q.is_cuda else torch.bmm(qi.float(), kt.float())
-        chunks.append(torch.bmm(scores.softmax(-1).to(q.dtype), v3))
+        chunks.append(torch.bmm(softmax(scores, q.dtype), v3))
     out = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
     return out.view(b, h, sq, d)
 
@@ -319,6 +326,17 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 
     # The kernel reads [B, S, H, D]; these are views of the same memory, so no copy is made either way.
     return kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+def attention_wide_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """attention_triton, with the wide heads' fp32 softmax and its cast to half in one Triton pass
+    (diffrt.kernels.softmax: the fp32 probabilities are neither written nor read back). A candidate, off in
+    TRITON_OPS until measured (benchmarks/ablation.py "+ wide-head softmax in one pass")."""
+    if q.shape[-1] > _MAX_HEAD_DIM and q.device.type == _KERNEL_DEVICE and q.dtype in _ATTENTION_DTYPES:
+        from diffrt.kernels.softmax import softmax_rows
+
+        return attention_wide_heads(q, k, v, softmax=softmax_rows)
+    return attention_triton(q, k, v)
 
 
 # Self-attention over at least this many queries is the candidate `attention_by_shape`'s for torch's SDPA: cuDNN's
