@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from diffrt.kernels.bias_add import bias_add, bias_add_reference, supports
-from tests.helpers.kernel_checks import TOLERANCES, check_output, device, poisoned_like
+from tests.helpers.kernel_checks import DTYPES, TOLERANCES, check_output, device, poisoned_like
 
-DTYPES = [pytest.param(dt, *TOLERANCES[dt], id=str(dt).removeprefix("torch.")) for dt in TOLERANCES]
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
 
 

@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from diffrt.kernels.geglu import geglu, geglu_reference
-from tests.helpers.kernel_checks import TOLERANCES, check_output, device, poisoned_like
+from tests.helpers.kernel_checks import DTYPES, TOLERANCES, check_output, device, poisoned_like
 
-DTYPES = [pytest.param(dt, *TOLERANCES[dt], id=str(dt).removeprefix("torch.")) for dt in TOLERANCES]
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
 
 

@@ -7,9 +7,8 @@ from benchmarks.kernel_shapes import all_unet_shapes, all_vae_norm_shapes
 from diffrt.kernels import group_norm as gn_mod
 from diffrt.kernels._autotune import make_early_prune
 from diffrt.kernels.group_norm import group_norm, group_norm_reference
-from tests.helpers.kernel_checks import TOLERANCES, check_output, device, poisoned_like
+from tests.helpers.kernel_checks import DTYPES, TOLERANCES, check_output, device, poisoned_like
 
-DTYPES = [pytest.param(dt, *TOLERANCES[dt], id=str(dt).removeprefix("torch.")) for dt in TOLERANCES]
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
 
 

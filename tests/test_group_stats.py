@@ -12,9 +12,8 @@ from diffrt.kernels.bias_add import bias_add_reference
 from diffrt.kernels.group_norm import bias_add_with_stats, group_norm, group_norm_reference
 from diffrt.models import ops
 from diffrt.models.layers import ResnetBlock2D
-from tests.helpers.kernel_checks import TOLERANCES, check_output, device, poisoned_like
+from tests.helpers.kernel_checks import DTYPES, check_output, device, poisoned_like
 
-DTYPES = [pytest.param(dt, *TOLERANCES[dt], id=str(dt).removeprefix("torch.")) for dt in TOLERANCES]
 # (label, shape, groups): odd H*W, channels per group not a power of two, a batch of two.
 SHAPES = [("cg5_odd_hw", (1, 20, 13, 11), 4), ("cg16_b2", (2, 64, 9, 8), 4)]
 

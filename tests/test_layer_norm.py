@@ -10,9 +10,8 @@ import torch
 from diffrt.kernels.layer_norm import layer_norm, layer_norm_reference, supports
 from diffrt.models import ops
 from diffrt.models.layers import BasicTransformerBlock
-from tests.helpers.kernel_checks import TOLERANCES, check_output, device, poisoned_like
+from tests.helpers.kernel_checks import DTYPES, TOLERANCES, check_output, device, poisoned_like
 
-DTYPES = [pytest.param(dt, *TOLERANCES[dt], id=str(dt).removeprefix("torch.")) for dt in TOLERANCES]
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
 
 

@@ -7,10 +7,9 @@ import torch
 from diffrt.kernels import softmax as softmax_mod
 from diffrt.kernels.softmax import softmax_rows, softmax_rows_reference
 from diffrt.models import ops
-from tests.helpers.kernel_checks import TOLERANCES, check_output, device, poisoned_like
+from tests.helpers.kernel_checks import DTYPES, TOLERANCES, check_output, device, poisoned_like
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
-DTYPES = [pytest.param(dt, *TOLERANCES[dt], id=str(dt).removeprefix("torch.")) for dt in TOLERANCES]
 
 
 def _check(shape, dtype, atol, rtol, what, spread=8.0, seed=0):

@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from diffrt.kernels.upsample_conv import interleave_phases, phase_weights, upsample_conv2x, upsample_conv2x_reference
-from tests.helpers.kernel_checks import TOLERANCES, check_output, device
+from tests.helpers.kernel_checks import DTYPES, TOLERANCES, check_output, device
 
-DTYPES = [pytest.param(dt, *TOLERANCES[dt], id=str(dt).removeprefix("torch.")) for dt in TOLERANCES]
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
 
 

@@ -1,5 +1,6 @@
 """Checks shared by the Triton kernel tests (tests/test_group_norm.py, tests/test_attention.py)."""
 
+import pytest
 import torch
 
 # (dtype, atol, rtol) against an fp32 reference; the floor is the absolute slack added to "2x torch's error".
@@ -8,6 +9,10 @@ TOLERANCES = {
     torch.float16: (1e-2, 1e-2),
     torch.bfloat16: (6e-2, 6e-2),
 }
+
+
+# (dtype, atol, rtol) as pytest parameters, labelled by dtype: the kernel tests' dtype axis.
+DTYPES = [pytest.param(dt, *tol, id=str(dt).removeprefix("torch.")) for dt, tol in TOLERANCES.items()]
 
 
 def device() -> str:
