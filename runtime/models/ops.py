@@ -284,16 +284,12 @@ def upsample_conv_triton(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return conv(upsample_nearest_triton(x))
 
 
-def _softmax_then_cast(scores: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return scores.softmax(-1).to(dtype)
-
-
 def attention_wide_heads(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax: Callable[..., torch.Tensor] = _softmax_then_cast
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax: Callable[..., torch.Tensor] | None = None
 ) -> torch.Tensor:
     """Attention for heads too wide for the kernel (the VAE's one 512-wide head): scores by batched matrix product
-    into fp32, softmax in fp32 (`softmax(scores, dtype)` returns the probabilities in q's dtype), in query chunks whose
-    scores stay under WIDE_HEAD_SCORE_BYTES.
+    into fp32, softmax in fp32 (torch's, then a cast to q's dtype; or `softmax(scores, dtype)`, which returns the
+    probabilities in q's dtype), in query chunks whose scores stay under WIDE_HEAD_SCORE_BYTES.
 
     torch's SDPA sends a 512-wide head to its memory-efficient kernel, which ran the SD VAE decoder's attention at
     ~150 TFLOP/s on the H200 (3.8 ms at 1024², benchmarks/NOTES_kernels.md, run 8); this way took 2.2 ms off the
@@ -312,7 +308,8 @@ def attention_wide_heads(
             scores = torch.bmm(qi, kt, out_dtype=torch.float32)
         else:
             scores = torch.bmm(qi, kt).float() if q.is_cuda else torch.bmm(qi.float(), kt.float())
-        chunks.append(torch.bmm(softmax(scores, q.dtype), v3))
+        probs = scores.softmax(-1).to(q.dtype) if softmax is None else softmax(scores, q.dtype)
+        chunks.append(torch.bmm(probs, v3))
     out = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
     return out.view(b, h, sq, d)
 
