@@ -92,8 +92,14 @@ def test_sdpa_for_long_self_attention_is_as_close_to_fp32_as_the_fast_path(heigh
     assert TRITON_OPS.attention is not ops.attention_by_shape  # still a candidate
     monkeypatch.setattr(ops, "UPSAMPLE_CONV_MIN_PIXELS", 0)
     monkeypatch.setattr(ops, "SDPA_SELF_ATTENTION_MIN_QUERIES", 0)
+    sdpa_calls = []
+    sdpa = ops.attention_torch
+    monkeypatch.setattr(ops, "attention_torch", lambda q, k, v: sdpa_calls.append(q.shape) or sdpa(q, k, v))
     on = dataclasses.replace(TRITON_OPS, name="triton+sdpa-long-self-attention", attention=ops.attention_by_shape)
     err, err_fast, diff = errors_against_fp32(on, TRITON_OPS, False, height, width)
+    # the candidate's images must come from SDPA (else they would equal the fast path's and prove nothing); the fp32
+    # reference runs on TORCH_OPS, whose attention is the unpatched function
+    assert sdpa_calls, "no self-attention took SDPA"
     print(f"attention_by_shape {height}x{width}: max abs error in 0..1 against fp32 {err:.4f}, fast path "
           f"{err_fast:.4f}, difference {diff:.4f}")  # fmt: skip
     assert err <= 1.25 * err_fast + 2 / 255, (err, err_fast)
