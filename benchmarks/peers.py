@@ -156,9 +156,11 @@ def components(pipe, batch: int, height: int, width: int, cfg: bool, repeats: in
     """The peer's text encoder, UNet step and VAE decode, each timed with CUDA events over calls after warm-up."""
     device, dtype = pipe.device, pipe.unet.dtype
     unet_batch = 2 * batch if cfg else batch
-    x = torch.randn(unet_batch, 4, height // 8, width // 8, device=device, dtype=dtype)
-    t = torch.tensor(999.0, device=device)
+    # Every input made under inference_mode, as the pipeline makes its latents: a tensor made outside it has another
+    # dispatch key set, a guard of the compiled UNet, and recompiled it (NOTES_latency.md run 16's log).
     with torch.inference_mode():
+        x = torch.randn(unet_batch, 4, height // 8, width // 8, device=device, dtype=dtype)
+        t = torch.tensor(999.0, device=device)
         added = None
         if not hasattr(pipe, "text_encoder_2"):
             embeds = pipe.encode_prompt(PROMPT, device, unet_batch, False)[0]
@@ -167,6 +169,7 @@ def components(pipe, batch: int, height: int, width: int, cfg: bool, repeats: in
             time_ids = torch.tensor([[height, width, 0, 0, height, width]] * unet_batch, device=device, dtype=dtype)
             added = {"text_embeds": pooled, "time_ids": time_ids}
         z = torch.randn(batch, 4, height // 8, width // 8, device=device, dtype=pipe.vae.dtype)
+        decode_kw = {} if hasattr(pipe, "text_encoder_2") else {"generator": None}
         calls = {
             "text_encoder": lambda: (
                 pipe.encode_prompt(PROMPT, device, batch, False)
@@ -174,7 +177,7 @@ def components(pipe, batch: int, height: int, width: int, cfg: bool, repeats: in
                 else pipe.encode_prompt(PROMPT, None, device, batch, False)
             ),
             # the arguments the pipeline passes, meant to replay its runs' compiled graphs (another return_dict would
-            # be a new guard and a recompile; on the device one graph still recompiles, NOTES_latency.md run 15)
+            # be a new guard and a recompile)
             "unet_step": lambda: pipe.unet(
                 x,
                 t,
@@ -184,7 +187,9 @@ def components(pipe, batch: int, height: int, width: int, cfg: bool, repeats: in
                 added_cond_kwargs=added,
                 return_dict=False,
             ),
-            "decode": lambda: pipe.vae.decode(z / pipe.vae.config.scaling_factor, return_dict=False, generator=None),
+            # the keywords of the pipeline's own call: SD's passes a generator, SDXL's does not (the count of keywords
+            # is a guard, so the other spelling recompiled the decoder)
+            "decode": lambda: pipe.vae.decode(z / pipe.vae.config.scaling_factor, return_dict=False, **decode_kw),
         }
         return {name: event_times(fn, repeats) for name, fn in calls.items()}
 

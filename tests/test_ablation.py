@@ -31,7 +31,7 @@ EXPECTED = {
     "- upsampling in its convolution": (("upsample_conv",), True),
     "- time projections in one GEMM": (("joint_time_projections",), True),
     "+ SDPA for long self-attention": (("attention",), True),
-    "+ wide-head softmax in one pass": (("attention",), True),
+    "- wide-head softmax in one pass": (("attention",), True),
 }
 
 

@@ -68,7 +68,7 @@ def test_rejects_what_it_does_not_take():
 
 @pytest.mark.parametrize("score_bytes", [None, 4096], ids=["one_chunk", "query_chunks"])
 def test_the_wide_head_attention_on_it_matches_the_torch_softmax(score_bytes, monkeypatch):
-    """ops.attention_wide_softmax: the VAE's 512-wide head (320 here) with this kernel's softmax, as close to fp32 as
+    """ops.attention_triton's wide heads: the VAE's 512-wide head (320 here) with this kernel's softmax, as close to fp32 as
     the path with torch's softmax and cast, and the kernel seen to run."""
     if score_bytes is not None:
         monkeypatch.setattr(ops, "WIDE_HEAD_SCORE_BYTES", score_bytes)  # 16 query rows per chunk of 64 keys
@@ -77,7 +77,7 @@ def test_the_wide_head_attention_on_it_matches_the_torch_softmax(score_bytes, mo
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 1, n, 320, generator=g).to(device()) for n in (70, 64, 64))
     ref = ops.attention_torch(q.double(), k.double(), v.double())
-    ours = ops.attention_wide_softmax(q.half(), k.half(), v.half()).double()
+    ours = ops.attention_triton(q.half(), k.half(), v.half()).double()
     torch_path = ops.attention_wide_heads(q.half(), k.half(), v.half()).double()
     assert calls and all(s[-1] == 64 for s in calls)
     err, torch_err = ((x - ref).abs().max().item() for x in (ours, torch_path))

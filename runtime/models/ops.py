@@ -318,22 +318,16 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     if not (q.device.type == _KERNEL_DEVICE and q.dtype in _ATTENTION_DTYPES):
         return attention_torch(q, k, v)
     if q.shape[-1] > _MAX_HEAD_DIM:
-        return attention_wide_heads(q, k, v)
+        # The wide heads' fp32 softmax and its cast to half in one Triton pass (the fp32 probabilities are neither
+        # written nor read back): VAE decode -0.6 ms (-2.8%) at 1024², -0.05..0.09 at 512² on the H100
+        # (benchmarks/NOTES_kernels.md run 18, the ablation's "- wide-head softmax in one pass").
+        from diffrt.kernels.softmax import softmax_rows
+
+        return attention_wide_heads(q, k, v, softmax=softmax_rows)
     from diffrt.kernels.attention import attention as kernel
 
     # The kernel reads [B, S, H, D]; these are views of the same memory, so no copy is made either way.
     return kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
-
-
-def attention_wide_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """attention_triton, with the wide heads' fp32 softmax and its cast to half in one Triton pass
-    (diffrt.kernels.softmax: the fp32 probabilities are neither written nor read back). A candidate, off in
-    TRITON_OPS until measured (benchmarks/ablation.py "+ wide-head softmax in one pass")."""
-    if q.shape[-1] > _MAX_HEAD_DIM and q.device.type == _KERNEL_DEVICE and q.dtype in _ATTENTION_DTYPES:
-        from diffrt.kernels.softmax import softmax_rows
-
-        return attention_wide_heads(q, k, v, softmax=softmax_rows)
-    return attention_triton(q, k, v)
 
 
 # Self-attention over at least this many queries is the candidate `attention_by_shape`'s for torch's SDPA: cuDNN's
