@@ -86,7 +86,7 @@ VARIANTS = {
     "+ GEGLU in its GEMM": (dataclasses.replace(T, geglu_linear=ops.geglu_linear_triton), True),
     "- upsampling in its convolution": (dataclasses.replace(T, upsample_conv=None), True),
     "- time projections in one GEMM": (dataclasses.replace(T, joint_time_projections=False), True),
-    "+ SDPA for long self-attention": (dataclasses.replace(T, attention=ops.attention_by_shape), True),
+    "- SDPA for long self-attention": (dataclasses.replace(T, attention=ops.attention_kernels), True),
     "- wide-head softmax in one pass": (dataclasses.replace(T, attention=_wide_heads_on_torch_softmax), True),
 }
 

@@ -17,9 +17,10 @@
 #          its own stage of at most KERNEL_TEST_S seconds
 #   ablation: benchmarks/ablation.py (text encoders, UNet step, VAE, TAESD with each optimization off in turn) for
 #          ABLATION_ARCHS (default sd21) at ABLATION_SIZES (default 512,1024)
-#   candidates: the ablation of run 18's candidates (NOTES_kernels.md), long self-attention on torch's SDPA on and the
-#          VAE's wide-head softmax in one pass (on since run 19) off, for SD1.5 and SD2.1 at CANDIDATE_SIZES (default
-#          1024,512; at 1024² SD's first UNet level has 16384 queries); their GPU tests are the kernels phase's (tests/test_candidates_gpu.py, test_softmax.py)
+#   candidates: the ablation of run 18's candidates (NOTES_kernels.md), both on since run 19 and each switched off here:
+#          long self-attention on torch's SDPA and the VAE's wide-head softmax in one pass, for SD1.5 and SD2.1 at
+#          CANDIDATE_SIZES (default 1024,512; at 1024² SD's first UNet level has 16384 queries); their GPU tests are
+#          the kernels phase's (tests/test_candidates_gpu.py, test_softmax.py)
 #   profile: benchmarks/profile_components.py, kernel by kernel against the FLOP and weight-read floors, for PRESETS
 #   (default "sd21 sdxl") at PROFILE_SIZES (default "512 1024"), a JSON each (minutes, a guess)
 # Usage:  COMMIT=<sha> bash benchmarks/latency_device.sh check
@@ -79,7 +80,7 @@ convs)
 candidates)
   # The ablation of the candidates against the fast path (their GPU tests: the kernels phase, in the call before)
   export TRITON_CACHE_DIR=/tmp/diffrt-cache
-  stage ablation ${ABLATION_S:-330} python3 benchmarks/ablation.py --archs sd21,sd15 --sizes "${CANDIDATE_SIZES:-1024,512}" --variants "diffrt,+ SDPA for long self-attention,- wide-head softmax in one pass" --budget-s $(( ${ABLATION_S:-330} - 25 )) --commit "$C" --out "$OUT/ablation.json"
+  stage ablation ${ABLATION_S:-330} python3 benchmarks/ablation.py --archs sd21,sd15 --sizes "${CANDIDATE_SIZES:-1024,512}" --variants "diffrt,- SDPA for long self-attention,- wide-head softmax in one pass" --budget-s $(( ${ABLATION_S:-330} - 25 )) --commit "$C" --out "$OUT/ablation.json"
   cat "$OUT/ablation.md" 2>/dev/null
   ;;
 ablation)

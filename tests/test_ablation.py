@@ -30,7 +30,7 @@ EXPECTED = {
     "+ GEGLU in its GEMM": (("geglu_linear",), True),
     "- upsampling in its convolution": (("upsample_conv",), True),
     "- time projections in one GEMM": (("joint_time_projections",), True),
-    "+ SDPA for long self-attention": (("attention",), True),
+    "- SDPA for long self-attention": (("attention",), True),
     "- wide-head softmax in one pass": (("attention",), True),
 }
 
@@ -67,12 +67,13 @@ def test_the_narrow_heads_variant_sends_only_wide_heads_to_torch(monkeypatch):
     assert calls == [("kernels", 64), ("torch", 512)]
 
 
-def test_the_sdpa_candidate_sends_only_long_self_attention_with_narrow_heads_to_torch(monkeypatch):
+def test_the_fast_path_sends_only_long_self_attention_with_narrow_heads_to_sdpa(monkeypatch):
+    # the ablation's variant without it runs all attention on the kernels
+    assert VARIANTS["- SDPA for long self-attention"][0].attention is ops.attention_kernels
     calls = []
     monkeypatch.setattr(ops, "SDPA_SELF_ATTENTION_MIN_QUERIES", 8)
     monkeypatch.setattr(ops, "attention_torch", lambda q, k, v: calls.append("torch"))
-    monkeypatch.setattr(ops, "attention_triton", lambda q, k, v: calls.append("kernels"))
-    attention = VARIANTS["+ SDPA for long self-attention"][0].attention
+    monkeypatch.setattr(ops, "attention_kernels", lambda q, k, v: calls.append("kernels"))
     cases = {  # (queries, keys, head dim) -> where it runs
         (8, 8, 64): "torch",  # long self-attention
         (16, 16, 40): "torch",
@@ -81,5 +82,5 @@ def test_the_sdpa_candidate_sends_only_long_self_attention_with_narrow_heads_to_
         (8, 8, 512): "kernels",  # the VAE's wide head: the kernels' own path for it, not SDPA's slow one
     }
     for sq, sk, d in cases:
-        attention(torch.zeros(1, 1, sq, d), torch.zeros(1, 1, sk, d), torch.zeros(1, 1, sk, d))
+        ops.TRITON_OPS.attention(torch.zeros(1, 1, sq, d), torch.zeros(1, 1, sk, d), torch.zeros(1, 1, sk, d))
     assert calls == list(cases.values())

@@ -9,7 +9,7 @@ the same images bit for bit or nearly (the same dot products); the residuals rou
 random tiny model amplifies to a few hundredths in 0..1 either way (run 13, benchmarks/NOTES_kernels.md), so each is
 held to the reference rather than to the other. The candidate not on the fast path (GEGLU's projection and gate in
 one GEMM, ops.geglu_linear: slower on the H200) is held to the reference the same way, against the fast path without
-it, and so is the candidate attention by shape (ops.attention_by_shape: long self-attention on torch's SDPA)."""
+it; the fast path's long self-attention on torch's SDPA is held to the reference against the kernels alone."""
 
 import dataclasses
 
@@ -86,20 +86,20 @@ def test_each_candidate_is_as_close_to_fp32_as_the_fast_path(candidate, taesd, h
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("height,width", [(64, 64), (64, 96)])
-def test_sdpa_for_long_self_attention_is_as_close_to_fp32_as_the_fast_path(height, width, monkeypatch):
-    """ops.attention_by_shape, with its threshold at 0 so that every self-attention of the tiny UNet (at most 96
-    queries) takes torch's SDPA, as SD's 16384-query layers at 1024² would."""
-    assert TRITON_OPS.attention is not ops.attention_by_shape  # still a candidate
+def test_sdpa_for_long_self_attention_is_as_close_to_fp32_as_the_kernels(height, width, monkeypatch):
+    """The fast path's long self-attention on torch's SDPA (ops.attention_triton), with its threshold at 0 so that every
+    self-attention of the tiny UNet (at most 96 queries) takes it, as SD's 16384-query layers at 1024² do, against the
+    same pipeline with all its attention on the kernels (ops.attention_kernels)."""
     monkeypatch.setattr(ops, "UPSAMPLE_CONV_MIN_PIXELS", 0)
     monkeypatch.setattr(ops, "SDPA_SELF_ATTENTION_MIN_QUERIES", 0)
     sdpa_calls = []
     sdpa = ops.attention_torch
     monkeypatch.setattr(ops, "attention_torch", lambda q, k, v: sdpa_calls.append(q.shape) or sdpa(q, k, v))
-    on = dataclasses.replace(TRITON_OPS, name="triton+sdpa-long-self-attention", attention=ops.attention_by_shape)
-    err, err_fast, diff = errors_against_fp32(on, TRITON_OPS, False, height, width)
-    # the candidate's images must come from SDPA (else they would equal the fast path's and prove nothing); the fp32
+    kernels_only = dataclasses.replace(TRITON_OPS, name="triton-kernels-only", attention=ops.attention_kernels)
+    err, err_kernels, diff = errors_against_fp32(TRITON_OPS, kernels_only, False, height, width)
+    # the fast path's images must come from SDPA (else they would equal the kernels' and prove nothing); the fp32
     # reference runs on TORCH_OPS, whose attention is the unpatched function
     assert sdpa_calls, "no self-attention took SDPA"
-    print(f"attention_by_shape {height}x{width}: max abs error in 0..1 against fp32 {err:.4f}, fast path "
-          f"{err_fast:.4f}, difference {diff:.4f}")  # fmt: skip
-    assert err <= 1.25 * err_fast + 2 / 255, (err, err_fast)
+    print(f"sdpa long self-attention {height}x{width}: max abs error in 0..1 against fp32 {err:.4f}, kernels only "
+          f"{err_kernels:.4f}, difference {diff:.4f}")  # fmt: skip
+    assert err <= 1.25 * err_kernels + 2 / 255, (err, err_kernels)

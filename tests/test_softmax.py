@@ -68,8 +68,8 @@ def test_rejects_what_it_does_not_take():
 
 @pytest.mark.parametrize("score_bytes", [None, 4096], ids=["one_chunk", "query_chunks"])
 def test_the_wide_head_attention_on_it_matches_the_torch_softmax(score_bytes, monkeypatch):
-    """ops.attention_triton's wide heads: the VAE's 512-wide head (320 here) with this kernel's softmax, as close to fp32 as
-    the path with torch's softmax and cast, and the kernel seen to run."""
+    """ops.attention_triton's wide heads: the VAE's 512-wide head (320 here) with this kernel's softmax, as close to
+    fp32 as the path with torch's softmax and cast, and the kernel seen to run."""
     if score_bytes is not None:
         monkeypatch.setattr(ops, "WIDE_HEAD_SCORE_BYTES", score_bytes)  # 16 query rows per chunk of 64 keys
     calls = []

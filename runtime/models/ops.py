@@ -314,13 +314,15 @@ def attention_wide_heads(
     return out.view(b, h, sq, d)
 
 
-def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def attention_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention on diffrt's kernels alone: the attention kernel, and for heads too wide for it the batched GEMMs
+    around the one-pass softmax."""
     if not (q.device.type == _KERNEL_DEVICE and q.dtype in _ATTENTION_DTYPES):
         return attention_torch(q, k, v)
     if q.shape[-1] > _MAX_HEAD_DIM:
         # The wide heads' fp32 softmax and its cast to half in one Triton pass (the fp32 probabilities are neither
-        # written nor read back): VAE decode -0.6 ms (-2.8%) at 1024², -0.05..0.09 at 512² on the H100
-        # (benchmarks/NOTES_kernels.md run 18, the ablation's "- wide-head softmax in one pass").
+        # written nor read back): VAE decode -0.6..-0.8 ms (-3..-4%) at 1024², -0.05..-0.09 at 512² on the H100
+        # (benchmarks/NOTES_kernels.md runs 18 and 19; the ablation's "- wide-head softmax in one pass").
         from diffrt.kernels.softmax import softmax_rows
 
         return attention_wide_heads(q, k, v, softmax=softmax_rows)
@@ -330,20 +332,20 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
-# Self-attention over at least this many queries is the candidate `attention_by_shape`'s for torch's SDPA: cuDNN's
-# warp-specialised Hopper kernel ran 7-8% faster than ours at 16384 queries (d 40 and 64) and slower on every 77-key
-# cross-attention (benchmarks/NOTES_kernels.md, run 3); 16384 queries are SD's first UNet level at 1024².
+# Self-attention over at least this many queries goes to torch's SDPA: cuDNN's warp-specialised Hopper kernel ran
+# 7-8% faster than ours at 16384 queries (d 40 and 64) and slower on every 77-key cross-attention
+# (benchmarks/NOTES_kernels.md, run 3); 16384 queries are SD's first UNet level at 1024², where it took 1.5-2.0% off
+# the step (runs 18 and 19).
 SDPA_SELF_ATTENTION_MIN_QUERIES = 16384
 
 
-def attention_by_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """attention_triton, with long self-attention (as many keys as queries, at least SDPA_SELF_ATTENTION_MIN_QUERIES,
-    heads the kernel takes) on torch's SDPA. A candidate, off in TRITON_OPS until measured (benchmarks/ablation.py
-    "+ SDPA for long self-attention")."""
+def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The fast path's attention: attention_kernels, with long self-attention (as many keys as queries, at least
+    SDPA_SELF_ATTENTION_MIN_QUERIES, heads the kernel takes) on torch's SDPA."""
     sq, d = q.shape[-2], q.shape[-1]
     if sq >= SDPA_SELF_ATTENTION_MIN_QUERIES and k.shape[-2] == sq and d <= _MAX_HEAD_DIM:
         return attention_torch(q, k, v)
-    return attention_triton(q, k, v)
+    return attention_kernels(q, k, v)
 
 
 TORCH_OPS = Ops(
