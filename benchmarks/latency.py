@@ -8,6 +8,7 @@ already there is skipped, so a time-limited call can stop anywhere and the next 
 cleanly before a device limit. `--report` turns the JSON into a markdown table and a PNG plot.
 
     python benchmarks/latency.py --archs sd21 --sizes 512,1024 --peers eager,compile --out results/latency_h200.json
+    python benchmarks/latency.py --archs sdxl --sizes 768x1344,1024 --peers eager --out results/latency_h200.json
     python benchmarks/latency.py --report results/latency_h200.json
 """
 
@@ -36,6 +37,22 @@ IMPLS = ("diffrt", "diffusers eager", "diffusers compile")
 # cache the first call took 14 s and LCM's UNet 46).
 COMPILE_RESERVE_S = 200
 LATER_RUN_RESERVE_S = 60
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """'512,768x1344' -> [(512, 512), (768, 1344)]: a size is a square's side or HEIGHTxWIDTH."""
+    sizes = []
+    for item in text.split(","):
+        h, _, w = item.strip().lower().partition("x")
+        try:
+            sizes.append((int(h), int(w or h)))
+        except ValueError:
+            raise SystemExit(f"size {item!r} is neither a side (512) nor HEIGHTxWIDTH (768x1344)") from None
+    return sizes
+
+
+def size_label(height: int, width: int) -> str:
+    return f"{height}²" if height == width else f"{height}x{width}"
 
 
 def row_id(row: dict) -> tuple:
@@ -79,12 +96,13 @@ def diffrt_pipeline(arch: str, tiny_vae: bool, backend: str, prediction_type: st
 def measure_diffrt(res: Results, arch: str, sizes, batches, runs, backend: str, deadline: float) -> None:
     for tiny in (False, True):
         pipe = None
-        for size in sizes:
+        for height, width in sizes:
             for batch in batches:
                 if time.time() > deadline:
-                    print(f"budget spent: {arch} diffrt b{batch} {size}² and later cells not measured", flush=True)
+                    print(f"budget spent: {arch} diffrt b{batch} {size_label(height, width)} and later cells not"
+                          " measured", flush=True)  # fmt: skip
                     return
-                cell = {"arch": arch, "impl": "diffrt", "batch": batch, "height": size, "width": size}
+                cell = {"arch": arch, "impl": "diffrt", "batch": batch, "height": height, "width": width}
                 todo = [r for r in runs if not (tiny and r != "1 step")]  # TAESD: the 1-step row
                 names = [f"e2e {r}" + (" taesd" if tiny else "") for r in todo]
                 parts = ["decode taesd"] if tiny else ["text_encoder", "unet_step", "decode"]
@@ -93,7 +111,7 @@ def measure_diffrt(res: Results, arch: str, sizes, batches, runs, backend: str, 
                 pipe = pipe or diffrt_pipeline(arch, tiny, backend)
                 try:
                     if not all(res.has(**cell, what=p) for p in parts):
-                        times = latency.component_times(pipe, batch, size, size, cfg=False)
+                        times = latency.component_times(pipe, batch, height, width, cfg=False)
                         for name, t in times.items():
                             what = "decode taesd" if (tiny and name == "decode") else name
                             if what in parts:
@@ -102,7 +120,7 @@ def measure_diffrt(res: Results, arch: str, sizes, batches, runs, backend: str, 
                         if res.has(**cell, what=name):
                             continue
                         sampler, steps, guidance = latency.RUNS[run]
-                        request = GenerationRequest(latency.PROMPT, height=size, width=size, batch=batch,
+                        request = GenerationRequest(latency.PROMPT, height=height, width=width, batch=batch,
                                                     sampler=sampler, steps=steps, guidance_scale=guidance)  # fmt: skip
                         t0 = time.perf_counter()
                         out = latency.end_to_end(pipe, request)
@@ -129,13 +147,14 @@ def measure_peers(res: Results, arch: str, sizes, batches, runs, peers, deadline
             # compile time: the rows say which it was
             extra["inductor_cache_at_start"] = peer_lib.inductor_cache()
             peer_lib.compile_pipeline(pipe)
-        for size in sizes:
+        for height, width in sizes:
+            size = size_label(height, width)
             for batch in batches:
-                cell = {"arch": arch, "impl": impl, "batch": batch, "height": size, "width": size, **extra}
+                cell = {"arch": arch, "impl": impl, "batch": batch, "height": height, "width": width, **extra}
                 first_call_s = None  # this size's first run's, once measured
                 for what in peer_cells(runs, compiled):
                     if time.time() > deadline:
-                        print(f"budget spent: {arch} {impl} b{batch} {size}² {what} and later cells not measured",
+                        print(f"budget spent: {arch} {impl} b{batch} {size} {what} and later cells not measured",
                               flush=True)  # fmt: skip
                         return
                     row = "unet_step" if what == "components" else what  # the components' rows: one stands for all
@@ -146,18 +165,18 @@ def measure_peers(res: Results, arch: str, sizes, batches, runs, peers, deadline
                     if compiled and left < reserve:
                         # A new size recompiles for minutes, and so can a new run at a size (LCM's integer
                         # timesteps are a new guard for the UNet): do not start what the time box would kill.
-                        print(f"budget: {arch} {impl} b{batch} {size}² {what} not started ({left:.0f} s left, a"
+                        print(f"budget: {arch} {impl} b{batch} {size} {what} not started ({left:.0f} s left, a"
                               f" compile needs ~{reserve:.0f} s)", flush=True)  # fmt: skip
                         continue
                     graphs = peer_lib.compiled_graphs()
                     try:
                         if what == "components":
-                            times = peer_lib.components(pipe, batch, size, size, cfg=False)
+                            times = peer_lib.components(pipe, batch, height, width, cfg=False)
                             for name, t in times.items():
                                 res.add(**cell, what=name, **t, graphs_compiled=peer_lib.compiled_graphs() - graphs)
                         else:
                             run = what.removeprefix("e2e ")
-                            out = peer_lib.end_to_end(pipe, run, batch, size, size)
+                            out = peer_lib.end_to_end(pipe, run, batch, height, width)
                             res.add(**cell, what=what, steps=latency.RUNS[run][1], **out,
                                     graphs_compiled=peer_lib.compiled_graphs() - graphs)  # fmt: skip
                             first_call_s = out.get("first_call_s") if first_call_s is None else first_call_s
@@ -197,9 +216,10 @@ def markdown(rows: list[dict]) -> str:
     names the commit of its rows."""
     table, commit, call = {}, {}, {}
     for r in rows:
-        table.setdefault((r["arch"], r["what"], r["batch"], r["height"]), {})[r["impl"]] = r.get("median_ms")
-        commit[(r["arch"], r["what"], r["batch"], r["height"], r["impl"])] = r.get("commit")
-        call[(r["arch"], r["what"], r["batch"], r["height"], r["impl"])] = call_of(r)
+        size = (r["height"], r["width"])
+        table.setdefault((r["arch"], r["what"], r["batch"], size), {})[r["impl"]] = r.get("median_ms")
+        commit[(r["arch"], r["what"], r["batch"], size, r["impl"])] = r.get("commit")
+        call[(r["arch"], r["what"], r["batch"], size, r["impl"])] = call_of(r)
     lines = ["| arch | what | batch | size | diffrt ms | diffusers eager ms | diffusers compile ms | vs compile"
              " | commit |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for (arch, what, batch, size), by in sorted(table.items()):
@@ -209,7 +229,7 @@ def markdown(rows: list[dict]) -> str:
         ratio = f"{c / d:.2f}x" if d and c and one_call else ""
         cells = [f"{v:.2f}" if v else "" for v in (d, e, c)]
         made = " / ".join(str(sha)[:7] for sha in dict.fromkeys(commits))  # one commit, or each of its rows' in order
-        lines.append(f"| {arch} | {what} | {batch} | {size}² | {' | '.join(cells)} | {ratio} | {made} |")
+        lines.append(f"| {arch} | {what} | {batch} | {size_label(*size)} | {' | '.join(cells)} | {ratio} | {made} |")
     lines += [
         "",
         "End to end against the sum of its components' graph replays (issue 10: within 5% or 0.3 ms):",
@@ -226,7 +246,7 @@ def markdown(rows: list[dict]) -> str:
         if steps and by.get("diffrt") and all(parts.values()) and one_call:
             total = parts["text_encoder"] + steps * parts["unet_step"] + parts[decoder]
             over = by["diffrt"] - total
-            lines.append(f"| {arch} | {batch} | {size}² | {what[4:]} | {by['diffrt']:.2f} | {total:.2f} | "
+            lines.append(f"| {arch} | {batch} | {size_label(*size)} | {what[4:]} | {by['diffrt']:.2f} | {total:.2f} | "
                          f"{over:+.2f} ms ({100 * over / total:+.1f}%) |")  # fmt: skip
     env = rows[-1] if rows else {}
     calls = sorted({(r.get("date", "")[:10], r.get("commit")) for r in rows})  # a file merges several device calls
@@ -251,7 +271,8 @@ def report(path: str) -> None:
     for ax, arch in zip(axes[0], archs, strict=True):
         for impl in IMPLS:
             pts = sorted((r["height"], r["median_ms"]) for r in rows if r["arch"] == arch and r["impl"] == impl
-                         and r["what"] == "e2e 1 step" and r["batch"] == 1 and r.get("median_ms"))  # fmt: skip
+                         and r["what"] == "e2e 1 step" and r["batch"] == 1 and r.get("median_ms")
+                         and r["height"] == r["width"])  # fmt: skip
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=impl)
         ax.set(title=f"{arch}, 1 step, batch 1, fp16", xlabel="resolution (px, square)", ylabel="ms", yscale="log")
@@ -265,7 +286,7 @@ def report(path: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--archs", default="sd21")
-    ap.add_argument("--sizes", default="512,1024")
+    ap.add_argument("--sizes", default="512,1024", help="squares' sides and HEIGHTxWIDTH, e.g. 512,768x1344")
     ap.add_argument("--batches", default="1")
     ap.add_argument("--runs", default="1 step,LCM 4 steps,25 steps CFG")
     ap.add_argument("--peers", default="eager,compile", help="eager, compile, both (eager,compile) or none")
@@ -286,8 +307,8 @@ def main() -> None:
         return report(args.report)
     deadline = time.time() + args.budget_s
     res = Results(args.out, environment(args.commit))
-    sizes = [int(s) for s in args.sizes.split(",")]
-    peer_sizes = [int(s) for s in (args.peer_sizes or args.sizes).split(",")]
+    sizes = parse_sizes(args.sizes)
+    peer_sizes = parse_sizes(args.peer_sizes or args.sizes)
     batches = [int(b) for b in args.batches.split(",")]
     runs = args.runs.split(",")
     # The compile peer first: it takes minutes per size, and a call that runs out of time should lose eager rows.

@@ -2,11 +2,13 @@
 formed only between rows of one call (diffrt and its peer timed on one host; rows from before rows named their call
 stand for their commit's), every line names the commit(s) of its rows, and end to end is set against its components
 only when they come from one call. And the compile peer's order within a call: its components on its first run's
-graphs, no run started that the time box would cut, each row's compiles counted."""
+graphs, no run started that the time box would cut, each row's compiles counted. Sizes are squares or HEIGHTxWIDTH."""
 
 import types
 
-from benchmarks.latency import markdown, merged
+import pytest
+
+from benchmarks.latency import markdown, merged, parse_sizes
 
 
 def row(impl: str, what: str, ms: float, commit: str, call: str | None = None) -> dict:
@@ -48,6 +50,25 @@ def test_two_calls_of_one_commit_give_no_ratio_and_no_overhead_line():
     rows = [row("diffrt", what, ms, "c1", call=c) for what, ms, c in parts]
     assert not [ln for ln in markdown(rows + [row("diffrt", "e2e 1 step", 10.5, "c1", call="call-a")]).splitlines()
                 if "| 1 step |" in ln]  # fmt: skip
+
+
+def test_sizes_are_squares_or_height_by_width_and_a_bad_one_says_how_to_write_it():
+    assert parse_sizes("512, 768x1344,1024X576") == [(512, 512), (768, 1344), (1024, 576)]
+    with pytest.raises(SystemExit, match="HEIGHTxWIDTH"):
+        parse_sizes("512,wide")
+
+
+def test_a_non_square_size_has_its_own_lines_apart_from_the_square_of_its_height():
+    def sized(impl, what, ms, width):
+        return {**row(impl, what, ms, "c1"), "height": 768, "width": width}
+
+    parts = [("text_encoder", 1.0), ("unet_step", 8.0), ("decode", 9.0)]
+    rows = [sized("diffrt", what, ms, 1344) for what, ms in parts] + [sized("diffrt", "e2e 1 step", 18.5, 1344)]
+    rows += [sized("diffrt", "unet_step", 5.0, 768), sized("diffusers compile", "unet_step", 10.0, 768)]
+    text = markdown(rows)
+    assert "| 8.00 |" in line(text, "unet_step", "768x1344") and "| 5.00 |" in line(text, "unet_step", "768²")
+    assert "| 2.00x |" in line(text, "unet_step", "768²") and "x |" not in line(text, "unet_step", "768x1344")
+    assert line(text, "768x1344", "1 step").endswith("| 18.50 | 18.00 | +0.50 ms (+2.8%) |")
 
 
 def test_end_to_end_is_set_against_its_components_only_within_one_call():
@@ -105,7 +126,7 @@ def test_the_compile_peer_times_its_components_right_after_its_first_run_and_nam
 
     log = fake_peers(monkeypatch)
     res = Results(str(tmp_path / "rows.json"), {"commit": "c1"})
-    measure_peers(res, "sd21", [512], [1], ["1 step", "LCM 4 steps"], ["diffusers compile"], deadline=5000.0)
+    measure_peers(res, "sd21", [(512, 512)], [1], ["1 step", "LCM 4 steps"], ["diffusers compile"], deadline=5000.0)
     assert log == ["compile", "1 step", "components", "LCM 4 steps"]
     assert [r["what"] for r in res.rows] == ["e2e 1 step", "text_encoder", "unet_step", "decode", "e2e LCM 4 steps"]
     assert all(r["graphs_compiled"] == 1 for r in res.rows)  # each measurement's own compile, nothing else's
@@ -118,7 +139,9 @@ def test_the_compile_peer_starts_no_run_the_time_box_would_cut_and_says_so(tmp_p
     log = fake_peers(monkeypatch, compile_s=COMPILE_RESERVE_S)  # each run takes one compile's reserve
     res = Results(str(tmp_path / "rows.json"), {"commit": "c1"})
     runs = ["1 step", "LCM 4 steps"]
-    measure_peers(res, "sd21", [512], [1], runs, ["diffusers compile"], deadline=1000.0 + 1.5 * COMPILE_RESERVE_S)
+    measure_peers(
+        res, "sd21", [(512, 512)], [1], runs, ["diffusers compile"], deadline=1000.0 + 1.5 * COMPILE_RESERVE_S
+    )
     assert log == ["compile", "1 step"]  # 0.5 of a reserve left after it: neither the components nor LCM start
     out = capsys.readouterr().out
     assert "e2e LCM 4 steps not started" in out and "components not started" in out
@@ -132,7 +155,7 @@ def test_after_a_quick_first_call_a_later_run_needs_less_than_a_cold_compile(tmp
     log = fake_peers(monkeypatch, compile_s=80.0, first_call_s=40.0)
     res = Results(str(tmp_path / "rows.json"), {"commit": "c1"})
     runs = ["1 step", "LCM 4 steps"]
-    measure_peers(res, "sd21", [512], [1], runs, ["diffusers compile"], deadline=1000.0 + COMPILE_RESERVE_S + 10)
+    measure_peers(res, "sd21", [(512, 512)], [1], runs, ["diffusers compile"], deadline=1000.0 + COMPILE_RESERVE_S + 10)
     assert LATER_RUN_RESERVE_S == 60
     # after the first run 130 s are left (a cold reserve would stop there): the components start, then 50 s: not LCM
     assert log == ["compile", "1 step", "components"]
