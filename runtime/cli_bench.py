@@ -57,7 +57,11 @@ def run_bench(args: argparse.Namespace) -> int:
     print(f"{torch.cuda.get_device_name()}, {args.dtype}, batch {args.batch}, backend {pipe.backend.name}")
     print(f"{'size':>6}  {'what':28s} {'median ms':>10} {'p20':>8} {'p80':>8}")
     for r in rows:
-        print(f"{r['size']:>6}  {r['what']:28s} {r['median_ms']:>10.3f} {r['p20_ms']:>8.3f} {r['p80_ms']:>8.3f}")
+        sound = r.get("image_finite", True) and r.get("image_min_std", 1.0) > 0  # components' rows have no image
+        print(
+            f"{r['size']:>6}  {r['what']:28s} {r['median_ms']:>10.3f} {r['p20_ms']:>8.3f} {r['p80_ms']:>8.3f}"
+            + ("" if sound else "  (image NaN or flat)")
+        )
     if args.json:
         from diffrt.export.files import write_atomically
 

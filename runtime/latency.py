@@ -80,7 +80,8 @@ def component_times(pipe: Pipeline, batch: int, height: int, width: int, cfg: bo
 
 def end_to_end(pipe: Pipeline, request: GenerationRequest, repeats: int = 15) -> dict:
     """Wall time of generate() to an image tensor on the GPU (text encoder included), after two warm-up calls;
-    peak GPU memory of those calls."""
+    peak GPU memory of those calls; whether the last image is finite and not one flat colour (checked after the
+    timing, so the check's sync is not timed)."""
     request = GenerationRequest(**{**request.__dict__, "output_type": "pt"})
     for _ in range(2):
         pipe.prompt_cache.clear()
@@ -91,7 +92,13 @@ def end_to_end(pipe: Pipeline, request: GenerationRequest, repeats: int = 15) ->
     for _ in range(repeats):
         pipe.prompt_cache.clear()
         t0 = time.perf_counter()
-        pipe.generate(request)
+        images = pipe.generate(request).images
         torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1000)
-    return {**quantiles(times), "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+    return {**quantiles(times), "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30, **image_check(images)}
+
+
+def image_check(images: torch.Tensor) -> dict:
+    """Whether a generated batch is finite, and its smallest per-image spread (0: a flat, e.g. black, image)."""
+    flat = images.float().flatten(1)
+    return {"image_finite": bool(torch.isfinite(flat).all()), "image_min_std": float(flat.std(dim=1).min())}
