@@ -26,6 +26,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # last: kernels/ must
 from benchmarks.environment import environment  # noqa: E402
 from benchmarks.results_file import write_json  # noqa: E402
 from diffrt import latency  # noqa: E402
+from diffrt.latency import parse_sizes, size_label  # noqa: E402
 from diffrt.pipeline import Pipeline  # noqa: E402
 from diffrt.request import GenerationRequest  # noqa: E402
 
@@ -37,22 +38,6 @@ IMPLS = ("diffrt", "diffusers eager", "diffusers compile")
 # cache the first call took 14 s and LCM's UNet 46).
 COMPILE_RESERVE_S = 200
 LATER_RUN_RESERVE_S = 60
-
-
-def parse_sizes(text: str) -> list[tuple[int, int]]:
-    """'512,768x1344' -> [(512, 512), (768, 1344)]: a size is a square's side or HEIGHTxWIDTH."""
-    sizes = []
-    for item in text.split(","):
-        h, _, w = item.strip().lower().partition("x")
-        try:
-            sizes.append((int(h), int(w or h)))
-        except ValueError:
-            raise SystemExit(f"size {item!r} is neither a side (512) nor HEIGHTxWIDTH (768x1344)") from None
-    return sizes
-
-
-def size_label(height: int, width: int) -> str:
-    return f"{height}²" if height == width else f"{height}x{width}"
 
 
 def row_id(row: dict) -> tuple:

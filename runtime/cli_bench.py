@@ -11,7 +11,11 @@ def add_parser(subparsers) -> None:
         "--model", default=None, help="diffusers folder, single file or preset (default: the embedded model)"
     )
     p.add_argument("--tokenizer", default=None, help="tokenizer folder for a single-file checkpoint")
-    p.add_argument("--sizes", default="512,1024", help="square sizes in pixels, comma-separated")
+    p.add_argument(
+        "--sizes",
+        default="512,1024",
+        help="sizes in pixels, comma-separated: a square's side or HEIGHTxWIDTH (512,768x1344)",
+    )
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--runs", default="1 step,LCM 4 steps", help="of: 1 step, LCM 4 steps, 25 steps CFG")
     p.add_argument("--backend", default=None, help="default: cuda-graph")
@@ -23,13 +27,13 @@ def add_parser(subparsers) -> None:
 def run_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from diffrt.latency import RUNS
+    from diffrt.latency import RUNS, parse_sizes, size_label
 
     runs = [r.strip() for r in args.runs.split(",")]
     unknown = [r for r in runs if r not in RUNS]
     if unknown:
         raise ValueError(f"unknown run(s) {unknown}; choose from: {', '.join(RUNS)}")
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = parse_sizes(args.sizes)
     if not torch.cuda.is_available():
         raise ValueError("diffrt bench times CUDA-graph replays and needs a CUDA GPU; this machine has none")
 
@@ -44,22 +48,23 @@ def run_bench(args: argparse.Namespace) -> int:
                                     tokenizer=args.tokenizer, backend=args.backend)  # fmt: skip
     rows = []
     with tqdm(total=len(sizes) * (1 + len(runs)), desc="bench", unit="cell", file=sys.stderr) as bar:
-        for size in sizes:
-            for name, t in latency.component_times(pipe, args.batch, size, size, cfg=False).items():
-                rows.append({"size": size, "what": name, **t})
+        for height, width in sizes:
+            size = {"size": size_label(height, width), "height": height, "width": width}
+            for name, t in latency.component_times(pipe, args.batch, height, width, cfg=False).items():
+                rows.append({**size, "what": name, **t})
             bar.update()
             for run in runs:
                 sampler, steps, guidance = RUNS[run]
-                request = GenerationRequest(latency.PROMPT, height=size, width=size, batch=args.batch,
+                request = GenerationRequest(latency.PROMPT, height=height, width=width, batch=args.batch,
                                             sampler=sampler, steps=steps, guidance_scale=guidance)  # fmt: skip
-                rows.append({"size": size, "what": f"end to end, {run}", **latency.end_to_end(pipe, request)})
+                rows.append({**size, "what": f"end to end, {run}", **latency.end_to_end(pipe, request)})
                 bar.update()
     print(f"{torch.cuda.get_device_name()}, {args.dtype}, batch {args.batch}, backend {pipe.backend.name}")
-    print(f"{'size':>6}  {'what':28s} {'median ms':>10} {'p20':>8} {'p80':>8}")
+    print(f"{'size':>9}  {'what':28s} {'median ms':>10} {'p20':>8} {'p80':>8}")
     for r in rows:
         sound = r.get("image_finite", True) and r.get("image_min_std", 1.0) > 0  # components' rows have no image
         print(
-            f"{r['size']:>6}  {r['what']:28s} {r['median_ms']:>10.3f} {r['p20_ms']:>8.3f} {r['p80_ms']:>8.3f}"
+            f"{r['size']:>9}  {r['what']:28s} {r['median_ms']:>10.3f} {r['p20_ms']:>8.3f} {r['p80_ms']:>8.3f}"
             + ("" if sound else "  (image NaN or flat)")
         )
     if args.json:

@@ -21,6 +21,22 @@ RUNS = {"1 step": ("turbo", 1, 0.0), "LCM 4 steps": ("lcm", 4, 1.0), "25 steps C
 _FLUSH_BYTES = 256 * 2**20  # larger than any GPU's L2
 
 
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """'512,768x1344' -> [(512, 512), (768, 1344)]: a size is a square's side or HEIGHTxWIDTH."""
+    sizes = []
+    for item in text.split(","):
+        h, _, w = item.strip().lower().partition("x")
+        try:
+            sizes.append((int(h), int(w or h)))
+        except ValueError:
+            raise ValueError(f"size {item!r} is neither a side (512) nor HEIGHTxWIDTH (768x1344)") from None
+    return sizes
+
+
+def size_label(height: int, width: int) -> str:
+    return f"{height}²" if height == width else f"{height}x{width}"
+
+
 def quantiles(times_ms: list[float]) -> dict:
     q = statistics.quantiles(times_ms, n=10, method="inclusive") if len(times_ms) > 1 else times_ms * 9
     return {"median_ms": statistics.median(times_ms), "p20_ms": q[1], "p80_ms": q[7], "repeats": len(times_ms)}

@@ -121,6 +121,8 @@ def test_bench_says_what_it_needs(capsys):
     assert "needs a CUDA GPU; this machine has none" in capsys.readouterr().err
     assert main(["bench", "--runs", "2 steps"]) == 2
     assert "unknown run(s) ['2 steps']; choose from: 1 step, LCM 4 steps, 25 steps CFG" in capsys.readouterr().err
+    assert main(["bench", "--sizes", "512,wide"]) == 2
+    assert "size 'wide' is neither a side (512) nor HEIGHTxWIDTH (768x1344)" in capsys.readouterr().err
 
 
 @pytest.mark.gpu
@@ -128,11 +130,14 @@ def test_bench_says_what_it_needs(capsys):
 def test_bench_prints_the_table_for_the_embedded_model(capsys, tmp_path):
     from diffrt.cli import main
 
-    assert main(["bench", "--sizes", "64,128", "--runs", "1 step,LCM 4 steps", "--json", str(tmp_path / "b.json")]) == 0
+    argv = ["bench", "--sizes", "64,64x96", "--runs", "1 step,LCM 4 steps", "--json", str(tmp_path / "b.json")]
+    assert main(argv) == 0
     out = capsys.readouterr().out
-    for what in ("text_encoder", "unet_step", "decode", "end to end, 1 step", "end to end, LCM 4 steps"):
+    for what in ("text_encoder", "unet_step", "decode", "end to end, 1 step", "end to end, LCM 4 steps", "64x96"):
         assert what in out, out
-    assert len(__import__("json").loads((tmp_path / "b.json").read_text())) == 2 * 5
+    rows = __import__("json").loads((tmp_path / "b.json").read_text())
+    assert len(rows) == 2 * 5 and {(r["height"], r["width"]) for r in rows} == {(64, 64), (64, 96)}
+    assert all(r["image_finite"] and r["image_min_std"] > 0 for r in rows if r["what"].startswith("end to end"))
 
 
 @pytest.mark.gpu

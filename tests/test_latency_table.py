@@ -54,7 +54,7 @@ def test_two_calls_of_one_commit_give_no_ratio_and_no_overhead_line():
 
 def test_sizes_are_squares_or_height_by_width_and_a_bad_one_says_how_to_write_it():
     assert parse_sizes("512, 768x1344,1024X576") == [(512, 512), (768, 1344), (1024, 576)]
-    with pytest.raises(SystemExit, match="HEIGHTxWIDTH"):
+    with pytest.raises(ValueError, match="HEIGHTxWIDTH"):
         parse_sizes("512,wide")
 
 
