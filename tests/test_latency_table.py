@@ -8,7 +8,8 @@ import types
 
 import pytest
 
-from benchmarks.latency import markdown, merged, parse_sizes
+from benchmarks.latency import markdown, merged
+from diffrt.latency import parse_sizes
 
 
 def row(impl: str, what: str, ms: float, commit: str, call: str | None = None) -> dict:
