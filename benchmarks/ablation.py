@@ -28,6 +28,15 @@ Variants (diffrt.models.ops records built from TRITON_OPS with one entry put bac
   - time projections in one GEMM
                             the UNet's time-embedding projections one block at a time, each a SiLU and a GEMV,
                             instead of one SiLU and one GEMM over all blocks (ops.joint_time_projections)
+  + cross-attention K/V once
+                            every cross-attention layer's keys and values of the text in one GEMM, once per
+                            generation (a loop's steps share them) instead of per layer and step
+                            (ops.joint_cross_attention); its share shows end to end (--runs)
+  + text encoders side by side
+                            SDXL's two text encoders at once, the first on a side stream (ops.concurrent_text_encoders)
+
+With --runs (e.g. "1 step,LCM 4 steps"), each variant also times those generations end to end (the pipeline's graphs
+captured again on the variant's ops), for what only a whole generation shows.
 
     python benchmarks/ablation.py --archs sd21 --sizes 512,1024 --out benchmarks/results/ablation_h200.json
 """
@@ -88,10 +97,14 @@ VARIANTS = {
     "- time projections in one GEMM": (dataclasses.replace(T, joint_time_projections=False), True),
     "- SDPA for long self-attention": (dataclasses.replace(T, attention=ops.attention_kernels), True),
     "- wide-head softmax in one pass": (dataclasses.replace(T, attention=_wide_heads_on_torch_softmax), True),
+    "+ cross-attention K/V once": (dataclasses.replace(T, joint_cross_attention=True), True),
+    "+ text encoders side by side": (dataclasses.replace(T, concurrent_text_encoders=True), True),
 }
 
 
-def measure(res: Results, arch: str, sizes: list[int], variants: list[str], deadline: float) -> None:
+def measure(
+    res: Results, arch: str, sizes: list[int], variants: list[str], deadline: float, runs: list[str] = ()
+) -> None:
     pipe = Pipeline.from_pretrained(arch, device="cuda", dtype=torch.float16, backend="cuda-graph")
     unet, vae = pipe.components.unet, pipe.components.vae
     c = pipe.components
@@ -121,7 +134,7 @@ def measure(res: Results, arch: str, sizes: list[int], variants: list[str], dead
             cell = {"arch": arch, "impl": name, "batch": 1, "height": size, "width": size}
             if time.time() > deadline:
                 return
-            if all(res.has(**cell, what=what) for what in calls):
+            if all(res.has(**cell, what=what) for what in [*calls, *(f"e2e {run}" for run in runs)]):
                 continue
             variant, channels_last = VARIANTS[name]
             layout = torch.channels_last if channels_last else torch.contiguous_format
@@ -131,11 +144,24 @@ def measure(res: Results, arch: str, sizes: list[int], variants: list[str], dead
                 ops.set_ops(module, variant)
             with torch.inference_mode():
                 for what, call in calls.items():
-                    res.add(**cell, what=what, **latency.graph_replay_ms(call))
+                    if not res.has(**cell, what=what):
+                        res.add(**cell, what=what, **latency.graph_replay_ms(call))
+            if runs:  # the pipeline's own graphs were captured on the previous variant's kernels
+                pipe.backend.clear()
+                pipe.roles.text_encoder.clear()
+            for run in runs:
+                if not res.has(**cell, what=f"e2e {run}"):
+                    sampler, steps, guidance = latency.RUNS[run]
+                    request = GenerationRequest(latency.PROMPT, height=size, width=size, sampler=sampler, steps=steps,
+                                                guidance_scale=guidance)  # fmt: skip
+                    res.add(**cell, what=f"e2e {run}", steps=steps, **latency.end_to_end(pipe, request))
     for module in (unet, vae, taesd):  # back to the fast path's own choice
         ops.set_ops(module, T).to(memory_format=torch.channels_last)
     for module in text_encoders:
         ops.set_ops(module, T)
+    if runs:
+        pipe.backend.clear()
+        pipe.roles.text_encoder.clear()
 
 
 def report(path: str) -> None:
@@ -162,13 +188,15 @@ def main() -> None:
     ap.add_argument("--sizes", default="512,1024")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--out", required=True)
+    ap.add_argument("--runs", default="", help='generations timed end to end per variant, e.g. "LCM 4 steps"')
     ap.add_argument("--budget-s", type=float, default=300.0)
     ap.add_argument("--commit", default=None)
     args = ap.parse_args()
     deadline = time.time() + args.budget_s
     res = Results(args.out, environment(args.commit))
     for arch in args.archs.split(","):
-        measure(res, arch, [int(s) for s in args.sizes.split(",")], args.variants.split(","), deadline)
+        runs = [run for run in args.runs.split(",") if run]
+        measure(res, arch, [int(s) for s in args.sizes.split(",")], args.variants.split(","), deadline, runs)
     report(args.out)
 
 

@@ -16,7 +16,8 @@
 #          (tests/test_candidates_gpu.py), the backends and the graph backend; KERNEL_TESTS: other test files, each
 #          its own stage of at most KERNEL_TEST_S seconds
 #   ablation: benchmarks/ablation.py (text encoders, UNet step, VAE, TAESD with each optimization off in turn) for
-#          ABLATION_ARCHS (default sd21) at ABLATION_SIZES (default 512,1024)
+#          ABLATION_ARCHS (default sd21) at ABLATION_SIZES (default 512,1024); ABLATION_RUNS (e.g. "LCM 4 steps"):
+#          generations timed end to end per variant too
 #   candidates: the ablation of run 18's candidates (NOTES_kernels.md), both on since run 19 and each switched off here:
 #          long self-attention on torch's SDPA and the VAE's wide-head softmax in one pass, for SD1.5 and SD2.1 at
 #          CANDIDATE_SIZES (default 1024,512; at 1024² SD's first UNet level has 16384 queries); their GPU tests are
@@ -85,7 +86,7 @@ candidates)
   ;;
 ablation)
   export TRITON_CACHE_DIR=/tmp/diffrt-cache
-  stage ablation ${ABLATION_S:-240} python3 benchmarks/ablation.py --archs "${ABLATION_ARCHS:-sd21}" --sizes "${ABLATION_SIZES:-512,1024}" ${ABLATION_VARIANTS:+--variants "$ABLATION_VARIANTS"} --budget-s $(( ${ABLATION_S:-240} - 30 )) --commit "$C" --out "$OUT/ablation.json"
+  stage ablation ${ABLATION_S:-240} python3 benchmarks/ablation.py --archs "${ABLATION_ARCHS:-sd21}" --sizes "${ABLATION_SIZES:-512,1024}" ${ABLATION_VARIANTS:+--variants "$ABLATION_VARIANTS"} --runs "${ABLATION_RUNS:-}" --budget-s $(( ${ABLATION_S:-240} - 30 )) --commit "$C" --out "$OUT/ablation.json"
   cat "$OUT/ablation.md" 2>/dev/null
   ;;
 profile)

@@ -17,7 +17,7 @@ from diffrt.images import image_to_tensor
 from diffrt.model_spec import ModelSpec
 from diffrt.models.embeddings import guidance_scale_embedding
 from diffrt.request import GenerationRequest, uses_cfg
-from diffrt.roles import Conditioning, Denoiser, ImageCodec, Roles
+from diffrt.roles import Conditioning, Denoiser, ImageCodec, Roles, prepared
 from diffrt.sampler_registry import SAMPLERS, Sampler
 from diffrt.samplers import Callback, NoiseSource, X0Predictor, add_noise, initial_latents
 from diffrt.schedules import Schedule, truncate_for_strength
@@ -123,7 +123,9 @@ def model_outputs(
     roles: Roles, cond: Conditioning, guidance_scale: float | Tensor | None, control: ControlPlan | None
 ) -> Callable[[Tensor, Tensor], Tensor] | list[Callable[[Tensor, Tensor], Tensor]]:
     """What the sampler calls for the model output: the guided denoiser, or with ControlNets one guided controlled
-    denoiser per step (which ControlNets run at a step is the host's decision)."""
+    denoiser per step (which ControlNets run at a step is the host's decision); the conditioning prepared for the
+    denoiser here, once for the loop (device work: a caller that captures the loop calls this inside the capture)."""
+    cond = prepared(roles.denoiser, cond)
     if control is None:
         return guided(roles.denoiser, cond, guidance_scale)
     return [guided(d, cond, guidance_scale) for d in step_denoisers(roles.denoiser, roles.controlnets, control)]

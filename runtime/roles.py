@@ -23,10 +23,17 @@ class Conditioning:
     timestep_cond: Tensor | None = None  # LCM: the guidance-scale embedding [B, time_cond_proj_dim]
     down_residuals: tuple[Tensor, ...] | None = None  # ControlNet: one per UNet skip, added to it
     mid_residual: Tensor | None = None  # ControlNet: added to the UNet's mid-block output
+    # The denoiser's own work on `embeds` done once for every step of a loop (`Denoiser.prepare`; TorchDenoiser: every
+    # cross-attention's keys and values): not an input, derived from them
+    prepared: object | None = None
 
     def tensors(self) -> dict[str, Tensor | tuple[Tensor, ...]]:
-        """The fields that are set, by name."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        """The input fields that are set, by name (not `prepared`)."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name != "prepared" and getattr(self, f.name) is not None
+        }
 
 
 class TextEncoder(Protocol):
@@ -42,6 +49,13 @@ class Denoiser(Protocol):
     def __call__(self, latents: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
         """Latents [B, C, h, w], timestep (0-d float32 tensor on their device) -> model output like latents."""
         ...
+
+
+def prepared(denoiser: Denoiser, cond: Conditioning) -> Conditioning:
+    """`cond` with the denoiser's once-per-loop work on it done (`denoiser.prepare(cond)`, for a denoiser that has
+    one; device work only, so it can be captured with the loop), for every step of one sampler loop."""
+    prepare = getattr(denoiser, "prepare", None)
+    return cond if prepare is None else prepare(cond)
 
 
 class ControlNet(Protocol):

@@ -154,3 +154,27 @@ def test_a_replayed_generation_waits_for_nothing(pipes):
         pipe(PROMPT, **kw)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("preset", ["tiny-sd15", "tiny-sdxl"])
+def test_the_texts_keys_and_values_are_projected_inside_the_graph(preset):
+    """With every cross-attention's keys and values projected once per generation (ops.joint_cross_attention), the
+    projection is recorded in the generation's graph: a second prompt through the same bucket gives that prompt's
+    image (the eager run of the same kernels), not the first prompt's keys and values; CFG's doubled batch too."""
+    from dataclasses import replace
+
+    joint = replace(TRITON_OPS, name="triton+joint-cross-attention", joint_cross_attention=True)
+    graph = Pipeline.from_pretrained(preset, device="cuda", dtype=torch.float16, backend=CudaGraphBackend(joint))
+    eager = Pipeline.from_pretrained(preset, device="cuda", dtype=torch.float16, backend=EagerBackend("j", joint))
+    for module in eager.components.modules().values():
+        module.to(memory_format=torch.channels_last)
+    for kw in ({"steps": 4, "sampler": "lcm", "guidance_scale": 1.0}, {"steps": 3, "sampler": "euler",
+                                                                        "guidance_scale": 5.0}):  # fmt: skip
+        kw = {**kw, "height": 64, "width": 96, "seed": 5, "output_type": "np"}
+        first, second = graph(PROMPT, **kw), graph("a watercolour of a lighthouse at dusk", **kw)
+        assert len(graph.backend.buckets()) >= 1 and graph.backend.buckets()[-1]["replays"] == 2
+        np.testing.assert_array_equal(graph(PROMPT, **kw), first)
+        assert np.abs(second - eager("a watercolour of a lighthouse at dusk", **kw)).max() <= 2e-3
+        assert np.abs(first - second).max() > 1e-2, "the prompt did not change the image"

@@ -142,3 +142,60 @@ def encode_prompt(
     ids_2 = tokenizer_2(prompt_2 or prompts) if tokenizer_2 is not None else None
     with torch.inference_mode():
         return TorchTextEncoder(text_encoder, text_encoder_2)(ids, ids_2, clip_skip)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_sdxl_encoders_side_by_side_give_the_same_embeddings(dtype):
+    """ops.concurrent_text_encoders: SDXL's first encoder on a side stream while the second runs gives the sequential
+    run's embeddings bit for bit, eagerly and replayed from a CUDA graph with new ids each time."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    import dataclasses
+
+    import diffrt
+    from diffrt.backends.graphs import CapturedCall
+    from diffrt.models.ops import TRITON_OPS, set_ops
+
+    pipe = diffrt.Pipeline.from_pretrained("tiny-sdxl", device="cuda", dtype=dtype, backend="torch")
+    one, two = pipe.components.text_encoder, pipe.components.text_encoder_2
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(0, one.config.vocab_size - 1, (2, 77), generator=g).cuda() for _ in range(3)]
+    sequential, side_by_side = TRITON_OPS, dataclasses.replace(TRITON_OPS, concurrent_text_encoders=True)
+
+    def encode(ops, batch):
+        for encoder in (one, two):
+            set_ops(encoder, ops)
+        with torch.inference_mode():
+            return PromptEncoder(one, two)(batch, batch)
+
+    expected = [encode(sequential, batch) for batch in ids]
+    for batch, (embeds, pooled) in zip(ids, expected, strict=True):
+        got = encode(side_by_side, batch)
+        assert torch.equal(got[0], embeds) and torch.equal(got[1], pooled)
+    static = ids[0].clone()
+    with torch.inference_mode():
+        call = CapturedCall(lambda: encode(side_by_side, static), torch.device("cuda"))
+        for batch, (embeds, pooled) in zip(ids, expected, strict=True):
+            static.copy_(batch)
+            got = call.replay()
+            assert torch.equal(got[0], embeds) and torch.equal(got[1], pooled)
+    for encoder in (one, two):
+        set_ops(encoder, sequential)
+
+
+def test_sdxl_encoders_side_by_side_on_the_cpu_run_one_after_the_other():
+    import dataclasses
+
+    import diffrt
+    from diffrt.models.ops import TORCH_OPS, set_ops
+
+    pipe = diffrt.Pipeline.from_pretrained("tiny-sdxl")
+    one, two = pipe.components.text_encoder, pipe.components.text_encoder_2
+    ids = torch.randint(0, one.config.vocab_size - 1, (1, 77), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected = PromptEncoder(one, two)(ids, ids)
+        for encoder in (one, two):
+            set_ops(encoder, dataclasses.replace(TORCH_OPS, concurrent_text_encoders=True))
+        got = PromptEncoder(one, two)(ids, ids)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])

@@ -61,6 +61,11 @@ class CudaGraphBackend:
                 callback(i, latents, latents)
         return images, latents
 
+    def clear(self) -> None:
+        """Drop every captured generation (after the modules' ops changed: a graph replays the kernels it was
+        captured with); the next call of each bucket captures it again. Not to be called while generating."""
+        self._buckets.clear()
+
     def buckets(self) -> list[dict]:
         """What each captured generation holds: its shapes, the memory its capture added and its replay count."""
         rows = []
@@ -88,10 +93,14 @@ class _Bucket:
         if plan.control is not None:  # control images and per-step scales as static buffers too
             c = plan.control
             self.control = ControlPlan(tuple(image.clone() for image in c.images), c.scales.clone(), c.active)
-        outputs = model_outputs(roles, cond, self.guidance, self.control)
-        model = X0Predictor(outputs, plan.prediction_type, plan.schedule, device)
+        # The schedule's host tables are made here, outside the graph; the model's outputs are bound again inside
+        # it, where preparing the conditioning (the text's cross-attention keys and values, once for all the steps)
+        # is recorded with the loop.
+        model = X0Predictor(model_outputs(roles, cond, self.guidance, self.control), plan.prediction_type,
+                            plan.schedule, device)  # fmt: skip
 
         def generation() -> tuple[Tensor, Tensor]:
+            model.model_output = model_outputs(roles, cond, self.guidance, self.control)
             noise = _StaticNoise(self.noise)
             latents = plan.sampler.sample(model, self.latents, plan.schedule, noise, None, **plan.options)
             return plan.decode(roles.codec, latents), latents
@@ -130,6 +139,10 @@ class GraphedTextEncoder:
     def __init__(self, encoder: TorchTextEncoder, max_entries: int = 8) -> None:
         self.encoder, self.max_entries = encoder, max_entries
         self._graphs: OrderedDict[tuple, tuple[list[Tensor | None], CapturedCall]] = OrderedDict()
+
+    def clear(self) -> None:
+        """Drop every captured encode (as CudaGraphBackend.clear)."""
+        self._graphs.clear()
 
     def __call__(
         self, ids: Tensor | None, ids_2: Tensor | None, clip_skip: int | None = None

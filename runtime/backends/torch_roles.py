@@ -1,5 +1,7 @@
 """The roles (diffrt.roles) implemented by diffrt's own torch modules."""
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor, nn
 
@@ -26,6 +28,11 @@ class TorchDenoiser:
     def __init__(self, unet: nn.Module) -> None:
         self.unet = unet
 
+    def prepare(self, cond: Conditioning) -> Conditioning:
+        """cond with every cross-attention's keys and values of its text projected once, for all of a loop's steps
+        (where the UNet's ops join them: ops.joint_cross_attention)."""
+        return replace(cond, prepared=self.unet.cross_attention_kv(cond.embeds))
+
     def __call__(self, latents: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
         return self.unet(
             latents,
@@ -36,6 +43,7 @@ class TorchDenoiser:
             timestep_cond=cond.timestep_cond,
             down_block_additional_residuals=cond.down_residuals,
             mid_block_additional_residual=cond.mid_residual,
+            cross_attention_kv=cond.prepared,
         )
 
 

@@ -216,6 +216,9 @@ class CLIPTextTransformer(nn.Module):
 class CLIPTextModel(nn.Module):
     """transformers' CLIPTextModel, or CLIPTextModelWithProjection when `config.projection_dim` is set."""
 
+    # read by diffrt.models.text_conditioning (ops.concurrent_text_encoders), which runs SDXL's pair
+    ops = TORCH_OPS  # per instance once diffrt.models.ops.set_ops has run
+
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
         self.config = config

@@ -33,6 +33,11 @@ class JointLinear:
             return tuple(layer(x) for layer in self.linears)
         return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
 
+    def release(self) -> None:
+        """Drop the joint tensors (the layers' weights have become views of another joint, which now holds them);
+        the next call joins again if it needs to."""
+        self.weight = self.bias = None
+
     def _ready(self, x: Tensor) -> bool:
         if self._linked():
             return True

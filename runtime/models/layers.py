@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffrt.models.cross_attention_kv import keys_values_of
 from diffrt.models.joint_linear import JointLinear
 from diffrt.models.ops import TORCH_OPS
 
@@ -142,7 +143,10 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """residual: [B, S, query_dim] holding the output projection's bias already, added in its GEMM (in place)."""
         b, h = x.shape[0], self.heads
-        if not self.ops.fuse_projections:
+        projected = None if context is None else keys_values_of(self, context)
+        if projected is not None:  # the UNet's one GEMM over every cross-attention (diffrt.models.cross_attention_kv)
+            q, (k, v) = self.to_q(x), projected
+        elif not self.ops.fuse_projections:
             context = x if context is None else context
             q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         elif context is None:

@@ -94,6 +94,13 @@ class Ops:
     # TRITON_OPS (UNet step -0.08..-0.14 ms, SD2.1 and SDXL at 512² and 1024², on the H200; benchmarks/ablation.py
     # "- time projections in one GEMM").
     joint_time_projections: bool = False
+    # Every cross-attention layer's keys and values of the text (16 GEMMs of M = 77 a step in SD's UNet, 70 in
+    # SDXL's) as one GEMM, and in a sampler loop once per generation rather than once per step (the denoiser role's
+    # `prepare`; diffrt.models.cross_attention_kv). Off in TORCH_OPS, which keeps diffusers' structure.
+    joint_cross_attention: bool = False
+    # SDXL's two text encoders at once, the first on a side stream (also inside a CUDA graph): at 77 tokens each is
+    # a chain of small launch-bound GEMMs that leaves most of the GPU idle (diffrt.models.text_conditioning).
+    concurrent_text_encoders: bool = False
 
 
 def _per_channel(shift: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -11,10 +11,15 @@ with `force_zeros_for_empty_prompt` (the base model's default) uses zeros, not t
 is given. To reproduce that, call these with clip_skip=None for negative prompts, or use zeros.
 """
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 from torch import nn
 
 from diffrt.models.clip import CLIPTextConfig, CLIPTextModel
+
+_T = TypeVar("_T")
 
 
 def deepest_clip_skip(config: CLIPTextConfig | None, config_2: CLIPTextConfig | None = None) -> int:
@@ -64,8 +69,31 @@ class PromptEncoder(nn.Module):
             return self.text_encoder.text_model.final_layer_norm(out.hidden_state), None
 
         layer = -((self.clip_skip or 0) + 2)
-        out_2 = self.text_encoder_2(input_ids_2, hidden_layer=layer)
-        states = [out_2.hidden_state]
-        if self.text_encoder is not None:
-            states.insert(0, self.text_encoder(input_ids, hidden_layer=layer).hidden_state)
-        return torch.cat(states, dim=-1), out_2.pooled
+        if self.text_encoder is None:  # the refiner
+            out_2 = self.text_encoder_2(input_ids_2, hidden_layer=layer)
+            return out_2.hidden_state, out_2.pooled
+        if self.text_encoder_2.ops.concurrent_text_encoders and input_ids.is_cuda:
+            first, out_2 = _side_by_side(lambda: self.text_encoder(input_ids, hidden_layer=layer).hidden_state,
+                                         lambda: self.text_encoder_2(input_ids_2, hidden_layer=layer))  # fmt: skip
+        else:
+            first = self.text_encoder(input_ids, hidden_layer=layer).hidden_state
+            out_2 = self.text_encoder_2(input_ids_2, hidden_layer=layer)
+        return torch.cat([first, out_2.hidden_state], dim=-1), out_2.pooled
+
+
+_side_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_by_side(on_side: Callable[[], torch.Tensor], on_main: Callable[[], _T]) -> tuple[torch.Tensor, _T]:
+    """(on_side(), on_main()) with on_side's work on a side stream, so the two overlap on the GPU. Both streams start
+    after the work queued so far and the current stream waits for both; inside a CUDA graph capture the side stream
+    joins the capture (a fork and a join in the graph)."""
+    main = torch.cuda.current_stream()
+    side = _side_streams.setdefault(main.device, torch.cuda.Stream(main.device))
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        side_out = on_side()
+    main_out = on_main()
+    main.wait_stream(side)
+    side_out.record_stream(main)  # freed later on main: its memory must not go back to the side stream early
+    return side_out, main_out

@@ -10,9 +10,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from diffrt.models.cross_attention_kv import CrossAttentionKV, CrossAttentionProjections
 from diffrt.models.embeddings import TimestepEmbedding, Timesteps
 from diffrt.models.joint_linear import JointLinear
-from diffrt.models.layers import GroupNorm, ResnetBlock2D, joint_time_projections
+from diffrt.models.layers import BasicTransformerBlock, GroupNorm, ResnetBlock2D, joint_time_projections
 from diffrt.models.ops import TORCH_OPS
 from diffrt.models.unet_blocks import CrossAttention, DownBlock, MidBlock, UpBlock
 from diffrt.models.unet_config import (
@@ -88,6 +89,17 @@ class UNet2DConditionModel(nn.Module):
         # the state dict keeps each block's time_emb_proj)
         blocks = [m for m in self.modules() if isinstance(m, ResnetBlock2D) and m.time_emb_proj is not None]
         self._time_projections = (blocks, JointLinear(*(b.time_emb_proj for b in blocks)))
+        # With ops.joint_cross_attention: every cross-attention's k and v of the text in one GEMM (not a module either)
+        cross = [m.attn2 for m in self.modules() if isinstance(m, BasicTransformerBlock)]
+        self._cross_attention = CrossAttentionProjections(cross) if cross else None
+
+    def cross_attention_kv(self, encoder_hidden_states: torch.Tensor) -> CrossAttentionKV | None:
+        """Every cross-attention layer's keys and values of this text, from one GEMM, for `forward`'s
+        cross_attention_kv: a sampler loop projects the text once for all its steps. None where this UNet's ops do
+        not join them (ops.joint_cross_attention off) or it has no cross-attention."""
+        if not self.ops.joint_cross_attention or self._cross_attention is None:
+            return None
+        return self._cross_attention(encoder_hidden_states)
 
     def forward(
         self,
@@ -99,10 +111,13 @@ class UNet2DConditionModel(nn.Module):
         timestep_cond: torch.Tensor | None = None,
         down_block_additional_residuals: Sequence[torch.Tensor] | None = None,
         mid_block_additional_residual: torch.Tensor | None = None,
+        cross_attention_kv: CrossAttentionKV | None = None,
     ) -> torch.Tensor:
         """sample [B, in, H, W], timestep 0-d or [B] (or a number), encoder_hidden_states [B, S, cross_attention_dim];
         SDXL also text_embeds [B, pooled] and time_ids [B, 6]; LCM optionally timestep_cond [B, time_cond_proj_dim];
         a ControlNet's residuals, one per skip and one for the mid block, are added to them (diffusers' names).
+        cross_attention_kv: `self.cross_attention_kv(encoder_hidden_states)`, projected once for several calls with
+        the same text (without it, the call projects the text itself).
         Returns [B, out, H, W]. Any H, W: an upsample lands on its skip's size, as diffusers does for odd sizes."""
         # A number is a convenience (a new tensor each call); a loop that is captured should pass a device tensor.
         if not torch.is_tensor(timestep):
@@ -119,6 +134,10 @@ class UNet2DConditionModel(nn.Module):
             raise ValueError("text_embeds/time_ids were given, but this UNet has no added conditioning (not SDXL)")
         if self.ops.joint_time_projections and self._time_projections[0]:
             emb = joint_time_projections(*self._time_projections, emb)
+
+        kv = cross_attention_kv if cross_attention_kv is not None else self.cross_attention_kv(encoder_hidden_states)
+        if kv is not None:  # the blocks pass the text down to the layers, which take their k and v from it
+            encoder_hidden_states = kv.context_carrying(encoder_hidden_states)
 
         h = self.conv_in(sample)
         skips = [h]
