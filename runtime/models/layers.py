@@ -143,7 +143,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """residual: [B, S, query_dim] holding the output projection's bias already, added in its GEMM (in place)."""
         b, h = x.shape[0], self.heads
-        projected = None if context is None else keys_values_of(self, context)
+        projected = keys_values_of(self, context) if self.ops.joint_cross_attention and context is not None else None
         if projected is not None:  # the UNet's one GEMM over every cross-attention (diffrt.models.cross_attention_kv)
             q, (k, v) = self.to_q(x), projected
         elif not self.ops.fuse_projections:
