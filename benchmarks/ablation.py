@@ -28,12 +28,13 @@ Variants (diffrt.models.ops records built from TRITON_OPS with one entry put bac
   - time projections in one GEMM
                             the UNet's time-embedding projections one block at a time, each a SiLU and a GEMV,
                             instead of one SiLU and one GEMM over all blocks (ops.joint_time_projections)
-  + cross-attention K/V once
-                            every cross-attention layer's keys and values of the text in one GEMM, once per
-                            generation (a loop's steps share them) instead of per layer and step
-                            (ops.joint_cross_attention); its share shows end to end (--runs)
-  + text encoders side by side
-                            SDXL's two text encoders at once, the first on a side stream (ops.concurrent_text_encoders)
+  - cross-attention K/V once
+                            every cross-attention layer's keys and values of the text per layer and step, instead of
+                            in one GEMM once per generation (ops.joint_cross_attention); its share shows end to end
+                            (--runs)
+  - text encoders side by side
+                            SDXL's two text encoders one after the other, instead of the first on a side stream
+                            (ops.concurrent_text_encoders)
 
 With --runs (e.g. "1 step,LCM 4 steps"), each variant also times those generations end to end (the pipeline's graphs
 captured again on the variant's ops), for what only a whole generation shows.
@@ -97,8 +98,8 @@ VARIANTS = {
     "- time projections in one GEMM": (dataclasses.replace(T, joint_time_projections=False), True),
     "- SDPA for long self-attention": (dataclasses.replace(T, attention=ops.attention_kernels), True),
     "- wide-head softmax in one pass": (dataclasses.replace(T, attention=_wide_heads_on_torch_softmax), True),
-    "+ cross-attention K/V once": (dataclasses.replace(T, joint_cross_attention=True), True),
-    "+ text encoders side by side": (dataclasses.replace(T, concurrent_text_encoders=True), True),
+    "- cross-attention K/V once": (dataclasses.replace(T, joint_cross_attention=False), True),
+    "- text encoders side by side": (dataclasses.replace(T, concurrent_text_encoders=False), True),
 }
 
 

@@ -160,7 +160,8 @@ def test_a_replayed_generation_waits_for_nothing(pipes):
 @gpu
 @pytest.mark.parametrize("preset", ["tiny-sd15", "tiny-sdxl"])
 def test_the_texts_keys_and_values_are_projected_inside_the_graph(preset):
-    """With every cross-attention's keys and values projected once per generation (ops.joint_cross_attention), the
+    """With every cross-attention's keys and values projected once per generation (ops.joint_cross_attention, on in
+    TRITON_OPS; the test names it so that it holds if the fast path changes), the
     projection is recorded in the generation's graph: a second prompt through the same bucket gives that prompt's
     image (the eager run of the same kernels), not the first prompt's keys and values; CFG's doubled batch too."""
     from dataclasses import replace
@@ -177,4 +178,5 @@ def test_the_texts_keys_and_values_are_projected_inside_the_graph(preset):
         assert len(graph.backend.buckets()) >= 1 and graph.backend.buckets()[-1]["replays"] == 2
         np.testing.assert_array_equal(graph(PROMPT, **kw), first)
         assert np.abs(second - eager("a watercolour of a lighthouse at dusk", **kw)).max() <= 2e-3
-        assert np.abs(first - second).max() > 1e-2, "the prompt did not change the image"
+        # else the eager comparison above could not tell the second prompt's keys and values from the first's
+        assert np.abs(first - second).max() > 2e-3, "the prompt did not change the image beyond the tolerance"

@@ -96,10 +96,13 @@ class Ops:
     joint_time_projections: bool = False
     # Every cross-attention layer's keys and values of the text (16 GEMMs of M = 77 a step in SD's UNet, 70 in
     # SDXL's) as one GEMM, and in a sampler loop once per generation rather than once per step (the denoiser role's
-    # `prepare`; diffrt.models.cross_attention_kv). Off in TORCH_OPS, which keeps diffusers' structure.
+    # `prepare`; diffrt.models.cross_attention_kv). On in TRITON_OPS (H100: UNet step SDXL -0.18..-0.21 ms, SD2.1
+    # -0.06..-0.08; SDXL LCM 4 steps -1.4..-1.9 ms end to end; benchmarks/ablation.py "- cross-attention K/V once").
+    # Off in TORCH_OPS, which keeps diffusers' structure.
     joint_cross_attention: bool = False
     # SDXL's two text encoders at once, the first on a side stream (also inside a CUDA graph): at 77 tokens each is
-    # a chain of small launch-bound GEMMs that leaves most of the GPU idle (diffrt.models.text_conditioning).
+    # a chain of small launch-bound GEMMs that leaves most of the GPU idle (diffrt.models.text_conditioning). On in
+    # TRITON_OPS (H100: SDXL text encoders 2.13 -> 1.67 ms; "- text encoders side by side").
     concurrent_text_encoders: bool = False
 
 
@@ -362,7 +365,8 @@ TRITON_OPS = Ops(
     "triton", True, group_norm_triton, attention_triton, bias_add_triton, conv2d_triton, geglu_triton,
     upsample_nearest_triton, fuse_projections=True, taesd_epilogues=True, bias_add_stats=bias_add_stats_triton,
     layer_norm=layer_norm_triton, fuse_residuals=True, group_stats=True, fuse_text_residuals=True,
-    upsample_conv=upsample_conv_triton, joint_time_projections=True,
+    upsample_conv=upsample_conv_triton, joint_time_projections=True, joint_cross_attention=True,
+    concurrent_text_encoders=True,
 )  # fmt: skip
 
 
