@@ -54,8 +54,6 @@ def test_each_variant_switches_off_only_what_it_names(name):
         "geglu_linear",  # the candidate switched on: not torch's (which has none) but the kernel's
         "upsample_conv",  # off on the fast path as on torch's: upsampling, then the convolution
         "joint_time_projections",
-        "joint_cross_attention",
-        "concurrent_text_encoders",
     }:
         assert getattr(variant, f) == getattr(ops.TORCH_OPS, f), f"{name}: {f}"
 

@@ -93,11 +93,10 @@ class _Bucket:
         if plan.control is not None:  # control images and per-step scales as static buffers too
             c = plan.control
             self.control = ControlPlan(tuple(image.clone() for image in c.images), c.scales.clone(), c.active)
-        # The schedule's host tables are made here, outside the graph; the model's outputs are bound again inside
-        # it, where preparing the conditioning (the text's cross-attention keys and values, once for all the steps)
-        # is recorded with the loop.
-        model = X0Predictor(model_outputs(roles, cond, self.guidance, self.control), plan.prediction_type,
-                            plan.schedule, device)  # fmt: skip
+        # The schedule's host tables are made here, outside the graph; the model's outputs are bound inside it,
+        # where preparing the conditioning (the text's cross-attention keys and values, once for all the steps) is
+        # recorded with the loop.
+        model = X0Predictor(_bound_in_the_graph, plan.prediction_type, plan.schedule, device)
 
         def generation() -> tuple[Tensor, Tensor]:
             model.model_output = model_outputs(roles, cond, self.guidance, self.control)
@@ -168,6 +167,10 @@ class GraphedTextEncoder:
                     static.copy_(value)
             out = call.replay()
         return out[0], (out[1] if len(out) > 1 else None)
+
+
+def _bound_in_the_graph(x: Tensor, t: Tensor) -> Tensor:
+    raise AssertionError("the model's outputs are bound inside generation(), before the loop")
 
 
 class _StaticNoise(NoiseSource):
