@@ -30,10 +30,13 @@ class TorchDenoiser:
 
     def prepare(self, cond: Conditioning) -> Conditioning:
         """cond with every cross-attention's keys and values of its text projected once, for all of a loop's steps
-        (where the UNet's ops join them: ops.joint_cross_attention)."""
-        return replace(cond, prepared=self.unet.cross_attention_kv(cond.embeds))
+        (where the UNet's ops join them: ops.joint_cross_attention). An exported graph's UNet (GraphUNet) has no
+        such step: its graph projects inside."""
+        project = getattr(self.unet, "cross_attention_kv", None)
+        return cond if project is None else replace(cond, prepared=project(cond.embeds))
 
     def __call__(self, latents: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
+        prepared = {} if cond.prepared is None else {"cross_attention_kv": cond.prepared}
         return self.unet(
             latents,
             timestep,
@@ -43,7 +46,7 @@ class TorchDenoiser:
             timestep_cond=cond.timestep_cond,
             down_block_additional_residuals=cond.down_residuals,
             mid_block_additional_residual=cond.mid_residual,
-            cross_attention_kv=cond.prepared,
+            **prepared,
         )
 
 
