@@ -14,7 +14,7 @@
 #   kernels: the GPU tests of the kernels (autotuning, LayerNorm, GroupNorm statistics from the epilogue, epilogues),
 #          the fast path against the fp32 reference with and without its latest optimizations
 #          (tests/test_candidates_gpu.py), the backends and the graph backend; KERNEL_TESTS: other test files, each
-#          its own stage of at most KERNEL_TEST_S seconds
+#          its own stage of at most KERNEL_TEST_S seconds, KERNEL_TEST_K: a pytest -k expression for each of them
 #   ablation: benchmarks/ablation.py (text encoders, UNet step, VAE, TAESD with each optimization off in turn) for
 #          ABLATION_ARCHS (default sd21) at ABLATION_SIZES (default 512,1024); ABLATION_RUNS (e.g. "LCM 4 steps"):
 #          generations timed end to end per variant too
@@ -66,7 +66,7 @@ kernels)
   # the others' summaries; -x: the first failure prints its traceback at once.
   for file in ${KERNEL_TESTS:-tests/test_autotune.py tests/test_layer_norm.py tests/test_group_stats.py tests/test_bias_add.py tests/test_geglu.py tests/test_geglu_linear.py tests/test_upsample.py tests/test_upsample_conv.py tests/test_softmax.py tests/test_candidates_gpu.py tests/test_backends.py tests/test_cuda_graph.py}; do
     name=$(basename "$file" .py)
-    stage "$name" ${KERNEL_TEST_S:-150} python3 -m pytest -q -x --tb=short -m gpu -p no:cacheprovider -s "$file"
+    stage "$name" ${KERNEL_TEST_S:-150} python3 -m pytest -q -x --tb=short -m gpu -p no:cacheprovider -s ${KERNEL_TEST_K:+-k "$KERNEL_TEST_K"} "$file"
     grep -E "max abs|passed|failed|Error" "$OUT/$name.log" | tail -n 12
   done
   ;;
