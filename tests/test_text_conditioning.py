@@ -198,3 +198,23 @@ def test_sdxl_encoders_side_by_side_on_the_cpu_run_one_after_the_other():
             set_ops(encoder, dataclasses.replace(TORCH_OPS, concurrent_text_encoders=True))
         got = PromptEncoder(one, two)(ids, ids)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+@pytest.mark.parametrize(("preset", "clip_skip", "first_layers"), [("tiny-sd15", 1, 2), ("tiny-sdxl", None, 2)],
+                         ids=["sd-clip-skip-1", "sdxl"])  # fmt: skip
+def test_the_first_encoder_runs_only_the_layers_its_conditioning_reads(preset, clip_skip, first_layers):
+    """tiny CLIP-L has 3 layers: clip_skip 1 reads the output of layer 2; SDXL the penultimate (2) and no pooled
+    output of its first encoder. The layers after those are not run; the second encoder (SDXL's pooled) runs all."""
+    import diffrt
+
+    pipe = diffrt.Pipeline.from_pretrained(preset)
+    one, two = pipe.components.text_encoder, pipe.components.text_encoder_2
+    ran = []
+    for encoder in (one, two):
+        for layer in encoder.text_model.encoder.layers if encoder is not None else ():
+            layer.register_forward_hook(lambda module, *_: ran.append(module))
+    ids = torch.randint(0, one.config.vocab_size - 1, (1, 77), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        PromptEncoder(one, two, clip_skip)(ids, ids if two is not None else None)
+    assert ran[:first_layers] == list(one.text_model.encoder.layers[:first_layers])
+    assert ran[first_layers:] == (list(two.text_model.encoder.layers) if two is not None else [])

@@ -234,15 +234,7 @@ class CLIPTextModel(nn.Module):
         `hidden_states` tuple: 0 is the embeddings, i the output of layer i, -1 the last layer's output (before
         final_layer_norm), -2 the penultimate one that SD2 and SDXL condition on.
         """
-        n = self.config.num_hidden_layers
-        if not -(n + 1) <= hidden_layer <= n:
-            raise ValueError(f"hidden_layer {hidden_layer} is out of range for {n} layers; use -{n + 1}..{n}")
-        if input_ids.shape[1] > self.config.max_position_embeddings:
-            raise ValueError(
-                f"{input_ids.shape[1]} tokens exceed the {self.config.max_position_embeddings} positions of the "
-                "text encoder; tokenize with truncation"
-            )
-        keep = hidden_layer % (n + 1)
+        keep = self._layer_index(input_ids, hidden_layer)
         tm = self.text_model
         x = tm.embeddings(input_ids)
         hidden = x
@@ -252,6 +244,28 @@ class CLIPTextModel(nn.Module):
                 hidden = x
         last = tm.final_layer_norm(x)
         return CLIPTextOutput(last, hidden, self.pool(last, input_ids))
+
+    def hidden_state(self, input_ids: torch.Tensor, hidden_layer: int = -2) -> torch.Tensor:
+        """forward(input_ids, hidden_layer).hidden_state alone: the layers after that one are not run (SDXL's first
+        encoder conditions on its penultimate layer and pools nothing; a clip_skip skips the layers it ignores)."""
+        keep = self._layer_index(input_ids, hidden_layer)
+        tm = self.text_model
+        x = tm.embeddings(input_ids)
+        for layer in tm.encoder.layers[:keep]:
+            x = layer(x)
+        return x
+
+    def _layer_index(self, input_ids: torch.Tensor, hidden_layer: int) -> int:
+        """hidden_layer as an index into transformers' hidden_states (0: the embeddings), after checking both."""
+        n = self.config.num_hidden_layers
+        if not -(n + 1) <= hidden_layer <= n:
+            raise ValueError(f"hidden_layer {hidden_layer} is out of range for {n} layers; use -{n + 1}..{n}")
+        if input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(
+                f"{input_ids.shape[1]} tokens exceed the {self.config.max_position_embeddings} positions of the "
+                "text encoder; tokenize with truncation"
+            )
+        return hidden_layer % (n + 1)
 
     def pool(self, last_hidden_state: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """Features at each sequence's end token (transformers' pooler_output), projected when there is a projection.

@@ -65,18 +65,18 @@ class PromptEncoder(nn.Module):
         if not self.sdxl:
             if self.clip_skip is None:
                 return self.text_encoder(input_ids).last_hidden_state, None
-            out = self.text_encoder(input_ids, hidden_layer=-(self.clip_skip + 1))
-            return self.text_encoder.text_model.final_layer_norm(out.hidden_state), None
+            hidden = self.text_encoder.hidden_state(input_ids, hidden_layer=-(self.clip_skip + 1))
+            return self.text_encoder.text_model.final_layer_norm(hidden), None
 
         layer = -((self.clip_skip or 0) + 2)
         if self.text_encoder is None:  # the refiner
             out_2 = self.text_encoder_2(input_ids_2, hidden_layer=layer)
             return out_2.hidden_state, out_2.pooled
         if self.text_encoder_2.ops.concurrent_text_encoders and input_ids.is_cuda:
-            first, out_2 = _side_by_side(lambda: self.text_encoder(input_ids, hidden_layer=layer).hidden_state,
+            first, out_2 = _side_by_side(lambda: self.text_encoder.hidden_state(input_ids, hidden_layer=layer),
                                          lambda: self.text_encoder_2(input_ids_2, hidden_layer=layer))  # fmt: skip
         else:
-            first = self.text_encoder(input_ids, hidden_layer=layer).hidden_state
+            first = self.text_encoder.hidden_state(input_ids, hidden_layer=layer)
             out_2 = self.text_encoder_2(input_ids_2, hidden_layer=layer)
         return torch.cat([first, out_2.hidden_state], dim=-1), out_2.pooled
 
