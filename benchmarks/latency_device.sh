@@ -24,6 +24,10 @@
 #          the kernels phase's (tests/test_candidates_gpu.py, test_softmax.py)
 #   profile: benchmarks/profile_components.py, kernel by kernel against the FLOP and weight-read floors, for PRESETS
 #   (default "sd21 sdxl") at PROFILE_SIZES (default "512 1024"), a JSON each (minutes, a guess)
+# Caches across calls (each machine starts bare): CACHES_OUT=1 packs Triton's and torch.compile's on-disk caches into
+# $OUT/caches.tgz when under the 16 MiB a file may come back (else prints their sizes); a later call that carries
+# .carry/caches.tgz (or CACHES_IN) starts with them, except the check phase, whose first image is meant cold. Rows
+# say whether a cache was warm (the compile peer's inductor_cache_at_start, first_image.py's disk_cache).
 # Usage:  COMMIT=<sha> bash benchmarks/latency_device.sh check
 set -u
 PHASE=${1:-check}
@@ -32,6 +36,19 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 # pip cannot build an editable install without the network (setuptools), so map the layout by symlinks instead.
 mkdir -p /tmp/pp && ln -sfn "$PWD/runtime" /tmp/pp/diffrt && ln -sfn "$PWD/kernels" runtime/kernels && ln -sfn "$PWD/export" runtime/export
 export PYTHONPATH=/tmp/pp:$PWD:/tmp/site PYTHONUNBUFFERED=1
+export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache
+CACHES_IN=${CACHES_IN:-.carry/caches.tgz}
+if [ "$PHASE" != check ] && [ -f "$CACHES_IN" ] && tar xzf "$CACHES_IN" -C /tmp; then
+  echo "caches from $CACHES_IN: $(du -sh /tmp/diffrt-cache /tmp/inductor-cache 2>/dev/null | tr '\n' ' ')"
+fi
+pack_caches() {
+  local dirs; dirs=$(cd /tmp && ls -d diffrt-cache inductor-cache 2>/dev/null)
+  [ "${CACHES_OUT:-0}" = 1 ] && [ -n "$dirs" ] || return 0
+  tar czf /tmp/caches.tgz -C /tmp $dirs
+  local mib=$(( $(stat -c %s /tmp/caches.tgz) / 1048576 ))
+  [ "$mib" -lt 16 ] && cp /tmp/caches.tgz "$OUT/caches.tgz"
+  echo "caches packed: $mib MiB compressed ($(du -sh /tmp/diffrt-cache /tmp/inductor-cache 2>/dev/null | tr '\n' ' '))"
+}
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 stage() { local name=$1 limit=$2; shift 2; local t0=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
@@ -107,4 +124,5 @@ sd21|sdxl|sd15)
   stage latency ${LATENCY_S:-470} python3 benchmarks/latency.py --archs "$PHASE" --sizes "${SIZES:-256,512,768,1024,1536,2048}" --peer-sizes "${PEER_SIZES:-512,1024}" --peers "${PEERS:-eager,compile}" --runs "${RUNS:-1 step,LCM 4 steps}" --batches "${BATCHES:-1}" --budget-s $(( ${LATENCY_S:-470} - 25 )) --commit "$C" --out "$OUT/latency_$PHASE.json"
   ;;
 esac
+pack_caches
 tail -n 40 "$OUT/latency"*.md 2>/dev/null
