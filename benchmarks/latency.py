@@ -137,7 +137,7 @@ def measure_peers(res: Results, arch: str, sizes, batches, runs, peers, deadline
             for batch in batches:
                 cell = {"arch": arch, "impl": impl, "batch": batch, "height": height, "width": width, **extra}
                 first_call_s = None  # this size's first run's, once measured
-                for what in peer_cells(runs, compiled):
+                for what in peer_cells(runs):
                     if time.time() > deadline:
                         print(f"budget spent: {arch} {impl} b{batch} {size} {what} and later cells not measured",
                               flush=True)  # fmt: skip
@@ -176,12 +176,12 @@ def later_run_reserve_s(first_call_s: float) -> float:
     return min(COMPILE_RESERVE_S, max(LATER_RUN_RESERVE_S, 1.25 * first_call_s))
 
 
-def peer_cells(runs, compiled: bool) -> list[str]:
-    """What to measure of a peer at one size, in order. The compile peer's components come right after its first run,
-    whose graphs they are meant to replay (the same shapes and arguments; their rows' graphs_compiled, counted over
-    all three, says whether they did), before a later run's recompile can use up the call."""
+def peer_cells(runs) -> list[str]:
+    """What to measure of a peer at one size, in order. The components come right after the first run: the compile
+    peer's are meant to replay that run's graphs (the same shapes and arguments; their rows' graphs_compiled, counted
+    over all three, says whether they did), before a later run's recompile can use up the call."""
     cells = [f"e2e {run}" for run in runs]
-    return cells[:1] + ["components"] + cells[1:] if compiled else cells
+    return cells[:1] + ["components"] + cells[1:]
 
 
 def call_of(row: dict) -> str | None:
@@ -276,6 +276,7 @@ def main() -> None:
     ap.add_argument("--runs", default="1 step,LCM 4 steps,25 steps CFG")
     ap.add_argument("--peers", default="eager,compile", help="eager, compile, both (eager,compile) or none")
     ap.add_argument("--peer-sizes", default=None, help="sizes for the peers (default: --sizes)")
+    ap.add_argument("--peer-batches", default="1", help="batches for the peers (the compile peer recompiles each)")
     ap.add_argument("--backend", default="cuda-graph")
     ap.add_argument("--out", default=None)
     ap.add_argument("--budget-s", type=float, default=540.0, help="stop starting new cells after this many seconds")
@@ -295,13 +296,14 @@ def main() -> None:
     sizes = parse_sizes(args.sizes)
     peer_sizes = parse_sizes(args.peer_sizes or args.sizes)
     batches = [int(b) for b in args.batches.split(",")]
+    peer_batches = [int(b) for b in args.peer_batches.split(",")]
     runs = args.runs.split(",")
     # The compile peer first: it takes minutes per size, and a call that runs out of time should lose eager rows.
     peers = [f"diffusers {p}" for p in ("compile", "eager") if p in args.peers.split(",")]
     for arch in args.archs.split(","):
         measure_diffrt(res, arch, sizes, batches, runs, args.backend, deadline)
         if peers:
-            measure_peers(res, arch, peer_sizes, [1], runs, peers, deadline)
+            measure_peers(res, arch, peer_sizes, peer_batches, runs, peers, deadline)
     report(args.out)
 
 

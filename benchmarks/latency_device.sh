@@ -9,8 +9,8 @@
 #   check: the GPU tests of the graph backend, backends, samplers and attention; time to first image cold/warm;
 #          the harness for SD2.1 at 512 with every peer (a first ratio)
 #   sd21 / sdxl / sd15: the harness for that architecture at 256..2048, peers at 512 and 1024 (sd21 first runs the
-#   GPU tests unless TESTS=0); LATENCY_S sets the harness's time box, SIZES / PEER_SIZES / PEERS / RUNS / BATCHES
-#   its cells (the peers run batch 1)
+#   GPU tests unless TESTS=0); LATENCY_S sets the harness's time box, SIZES / PEER_SIZES / PEERS / RUNS / BATCHES /
+#   PEER_BATCHES its cells (the peers run PEER_BATCHES, default 1; the compile peer recompiles for each)
 #   kernels: the GPU tests of the kernels (autotuning, LayerNorm, GroupNorm statistics from the epilogue, epilogues),
 #          the fast path against the fp32 reference with and without its latest optimizations
 #          (tests/test_candidates_gpu.py), the backends and the graph backend; KERNEL_TESTS: other test files, each
@@ -121,7 +121,7 @@ sd21|sdxl|sd15)
     stage gpu_tests 90 python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_cuda_graph.py tests/test_backends.py tests/test_samplers.py tests/test_attention.py
     grep -E "max abs|passed|failed|Error" "$OUT/gpu_tests.log" | tail -n 12
   fi
-  stage latency ${LATENCY_S:-470} python3 benchmarks/latency.py --archs "$PHASE" --sizes "${SIZES:-256,512,768,1024,1536,2048}" --peer-sizes "${PEER_SIZES:-512,1024}" --peers "${PEERS:-eager,compile}" --runs "${RUNS:-1 step,LCM 4 steps}" --batches "${BATCHES:-1}" --budget-s $(( ${LATENCY_S:-470} - 25 )) --commit "$C" --out "$OUT/latency_$PHASE.json"
+  stage latency ${LATENCY_S:-470} python3 benchmarks/latency.py --archs "$PHASE" --sizes "${SIZES:-256,512,768,1024,1536,2048}" --peer-sizes "${PEER_SIZES:-512,1024}" --peers "${PEERS:-eager,compile}" --runs "${RUNS:-1 step,LCM 4 steps}" --batches "${BATCHES:-1}" --peer-batches "${PEER_BATCHES:-1}" --budget-s $(( ${LATENCY_S:-470} - 25 )) --commit "$C" --out "$OUT/latency_$PHASE.json"
   ;;
 esac
 pack_caches

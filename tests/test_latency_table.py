@@ -134,6 +134,17 @@ def test_the_compile_peer_times_its_components_right_after_its_first_run_and_nam
     assert all(r["inductor_cache_at_start"] == "cold" and r["peer_vae_upcast"] is False for r in res.rows)
 
 
+def test_the_eager_peer_times_its_components_too_at_each_batch(tmp_path, monkeypatch):
+    from benchmarks.latency import Results, measure_peers
+
+    log = fake_peers(monkeypatch)
+    res = Results(str(tmp_path / "rows.json"), {"commit": "c1"})
+    measure_peers(res, "sd21", [(512, 512)], [1, 2], ["1 step"], ["diffusers eager"], deadline=5000.0)
+    assert log == ["1 step", "components"] * 2  # no compile, and each batch its own cells
+    rows = [(r["batch"], r["what"]) for r in res.rows]
+    assert rows == [(b, w) for b in (1, 2) for w in ("e2e 1 step", "text_encoder", "unet_step", "decode")]
+
+
 def test_the_compile_peer_starts_no_run_the_time_box_would_cut_and_says_so(tmp_path, monkeypatch, capsys):
     from benchmarks.latency import COMPILE_RESERVE_S, Results, measure_peers
 
