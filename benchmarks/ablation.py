@@ -35,6 +35,10 @@ Variants (diffrt.models.ops records built from TRITON_OPS with one entry put bac
   - text encoders side by side
                             SDXL's two text encoders one after the other, instead of the first on a side stream
                             (ops.concurrent_text_encoders)
+  + half2 / split / poly exponentials
+                            the attention kernel's softmax exponentials two fp16 ones per instruction, half of each
+                            tile / all of it as a polynomial on the FMA units (kernels/attention.py EXP2_MODES);
+                            "... and long self-attention": also the self-attention the fast path sends to SDPA
 
 With --runs (e.g. "1 step,LCM 4 steps"), each variant also times those generations end to end (the pipeline's graphs
 captured again on the variant's ops), for what only a whole generation shows.
@@ -73,6 +77,22 @@ def _wide_heads_on_torch_softmax(q, k, v):
     return ops.attention_wide_heads(q, k, v) if q.shape[-1] > 256 else ops.attention_triton(q, k, v)
 
 
+def _with_exponentials(mode: str, attention: str):
+    """ops.<attention> with the attention kernel's exponentials in `mode`: a constexpr of the kernel, so the
+    variant's captured graphs keep it after the call returns."""
+
+    def run(q, k, v):
+        from diffrt.kernels import attention as kernel
+
+        previous, kernel.EXP2 = kernel.EXP2, mode
+        try:
+            return getattr(ops, attention)(q, k, v)
+        finally:
+            kernel.EXP2 = previous
+
+    return run
+
+
 T = ops.TRITON_OPS
 # name -> (ops, channels_last)
 VARIANTS = {
@@ -100,6 +120,11 @@ VARIANTS = {
     "- wide-head softmax in one pass": (dataclasses.replace(T, attention=_wide_heads_on_torch_softmax), True),
     "- cross-attention K/V once": (dataclasses.replace(T, joint_cross_attention=False), True),
     "- text encoders side by side": (dataclasses.replace(T, concurrent_text_encoders=False), True),
+    **{
+        f"+ {mode} exponentials{long}": (dataclasses.replace(T, attention=_with_exponentials(mode, fn)), True)
+        for mode in ("half2", "split", "poly")
+        for long, fn in (("", "attention_triton"), (" and long self-attention", "attention_kernels"))
+    },
 }
 
 

@@ -22,6 +22,9 @@
 #          long self-attention on torch's SDPA and the VAE's wide-head softmax in one pass, for SD1.5 and SD2.1 at
 #          CANDIDATE_SIZES (default 1024,512; at 1024² SD's first UNet level has 16384 queries); their GPU tests are
 #          the kernels phase's (tests/test_candidates_gpu.py, test_softmax.py)
+#   attention: benchmarks/attention_variants.py (every exponential mode of the attention kernel with each tile config
+#          against SDPA at the UNets' shapes), the kernel's GPU tests of the modes (ATTN_TEST_K) and, unless
+#          ATTN_ABLATION=0, the ablation of the modes for ATTN_ARCHS (default sd21,sd15) at ATTN_SIZES (default 1024,512)
 #   profile: benchmarks/profile_components.py, kernel by kernel against the FLOP and weight-read floors, for PRESETS
 #   (default "sd21 sdxl") at PROFILE_SIZES (default "512 1024"), a JSON each (minutes, a guess)
 # Caches across calls (each machine starts bare): CACHES_OUT=1 packs Triton's and torch.compile's on-disk caches into
@@ -104,6 +107,18 @@ candidates)
 ablation)
   export TRITON_CACHE_DIR=/tmp/diffrt-cache
   stage ablation ${ABLATION_S:-240} python3 benchmarks/ablation.py --archs "${ABLATION_ARCHS:-sd21}" --sizes "${ABLATION_SIZES:-512,1024}" ${ABLATION_VARIANTS:+--variants "$ABLATION_VARIANTS"} --runs "${ABLATION_RUNS:-}" --budget-s $(( ${ABLATION_S:-240} - 30 )) --commit "$C" --out "$OUT/ablation.json"
+  cat "$OUT/ablation.md" 2>/dev/null
+  ;;
+attention)
+  # the sweep first: its 12 processes compile the kernel's variants into Triton's cache, which the tests and the
+  # ablation then reuse
+  export TRITON_CACHE_DIR=/tmp/diffrt-cache
+  stage attention_variants ${VARIANTS_S:-220} python3 benchmarks/attention_variants.py --precompile 12 --budget-s $(( ${VARIANTS_S:-220} - 40 )) --commit "$C" --out "$OUT/attention_variants.json"
+  cat "$OUT/attention_variants.log"
+  stage attention_tests ${ATTN_TEST_S:-80} python3 -m pytest -q -x --tb=short -m gpu -p no:cacheprovider -k "${ATTN_TEST_K:-exponential}" tests/test_attention.py
+  grep -E "passed|failed|Error" "$OUT/attention_tests.log" | tail -n 12
+  [ "${ATTN_ABLATION:-1}" = 1 ] || exit 0
+  stage ablation ${ABLATION_S:-170} python3 benchmarks/ablation.py --archs "${ATTN_ARCHS:-sd21,sd15}" --sizes "${ATTN_SIZES:-1024,512}" --variants "${ATTN_VARIANTS:-diffrt,+ half2 exponentials,+ half2 exponentials and long self-attention,+ split exponentials and long self-attention}" --budget-s $(( ${ABLATION_S:-170} - 25 )) --commit "$C" --out "$OUT/ablation.json"
   cat "$OUT/ablation.md" 2>/dev/null
   ;;
 profile)

@@ -9,6 +9,13 @@ What the UNet needs that a generic kernel does not:
 - Head dims 40, 80 and 160 (SD 1.x) are not powers of two. Triton tiles are, so the head dim is covered by two
   power-of-two pieces (40 = 32 + 16 with 8 masked, 80 = 64 + 16, 160 = 128 + 32) instead of one padded tile
   (64, 128, 256): 25-60% fewer wasted matrix-unit operations. Autotuning may still pick the single padded tile.
+- At head dim 64 a Hopper SM's tensor cores do one key's q.k and p.v for a row in about the time its special-function
+  unit takes for that key's exponential (990 TFLOP/s of fp16 products against ~3.9 T exponentials/s), so the
+  exponentials bound the kernel as much as the products. `exp2` picks how they are evaluated (EXP2_MODES): all on
+  the special-function unit in fp32 ("mufu", the default), two half-precision ones per instruction ("half2"), or
+  half of each tile as a polynomial on the FMA units ("split", as FlashAttention-4 does on Blackwell; "poly" for all
+  of it). Every mode keeps the scores, the running maximum, the normaliser and the accumulator in fp32; the
+  probabilities go into the p.v product in half precision either way.
 """
 
 import math
@@ -24,6 +31,11 @@ from diffrt.kernels._autotune import autotune
 # Longest key length served by the single-block path (keys padded to a power of two). 77 text tokens fit; at 154
 # the loop with 64/128-key blocks wastes less of the padded tile and measured faster (benchmarks/NOTES_kernels.md).
 SINGLE_BLOCK_MAX_KEYS = 128
+
+# How the softmax's exponentials are evaluated (the kernel's EXP2_MODE). "half2" needs half-precision operands and a
+# GPU (inline PTX): bf16 inputs and the interpreter take "mufu" instead.
+EXP2_MODES = {"mufu": 0, "half2": 1, "split": 2, "poly": 3}
+EXP2 = "mufu"
 
 
 def _head_split(head_dim: int, split: bool) -> tuple[int, int]:
@@ -84,6 +96,40 @@ def _heuristics():
 
 
 @triton.jit
+def _exp2_poly(x):
+    """2^x on the FMA units for x <= 0 (-inf gives ~1e-38): x = j + f with j = round(x) (the 1.5 * 2^23 trick rounds
+    in the adder, and j sits in the low mantissa bits), 2^f for |f| <= 1/2 by a degree-3 fit (relative error 7.5e-5,
+    under half an fp16 ulp: 4.9e-4), and j added to the exponent field."""
+    x = tl.maximum(x, -126.0)
+    shifted = x + 12582912.0
+    j = shifted - 12582912.0
+    f = x - j
+    p = ((0.05517166480 * f + 0.24261112511) * f + 0.69326096773) * f + 0.99992805719
+    bits = p.to(tl.int32, bitcast=True) + (shifted.to(tl.int32, bitcast=True) << 23)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _numerators(x, MODE: tl.constexpr, out_dtype: tl.constexpr):
+    """(2^x in out_dtype for the p.v product, its row sums in fp32) for a [rows, keys] fp32 tile."""
+    if MODE == 1:
+        p = tl.inline_asm_elementwise(
+            "ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)], dtype=tl.float16, is_pure=True, pack=2
+        )
+        return p, tl.sum(p.to(tl.float32), 1)
+    if MODE == 2:
+        rows: tl.constexpr = x.shape[0]
+        keys: tl.constexpr = x.shape[1]
+        even, odd = tl.split(tl.reshape(x, (rows, keys // 2, 2)))
+        p32 = tl.reshape(tl.join(tl.exp2(even), _exp2_poly(odd)), (rows, keys))
+    elif MODE == 3:
+        p32 = _exp2_poly(x)
+    else:
+        p32 = tl.exp2(x)
+    return p32.to(out_dtype), tl.sum(p32, 1)
+
+
+@triton.jit
 def _attention_kernel(
     Q,  # [B, SQ, H, HEAD_DIM] queries, strides (stride_qb, stride_qs, stride_qh, 1)
     K,  # [B, SK, H, HEAD_DIM] keys
@@ -116,6 +162,7 @@ def _attention_kernel(
     EVEN_N: tl.constexpr,  # SK % BLOCK_N == 0: no key mask
     STRIDE_MULT: tl.constexpr,  # every stride is a multiple of this (8: 16-byte rows, so loads vectorise)
     DOT_FP32: tl.constexpr,  # upcast dot operands (interpreter: its bf16 dot is wrong in triton 3.9)
+    EXP2_MODE: tl.constexpr,  # how the exponentials are evaluated (EXP2_MODES)
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -167,9 +214,7 @@ def _attention_kernel(
             qk = tl.dot(q1, tl.trans(k1), qk)
         qk = tl.where(n_ok[None, :], qk * qk_scale, float("-inf"))
         m_i = tl.max(qk, 1)
-        p = tl.exp2(qk - m_i[:, None])
-        l_i = tl.sum(p, 1)
-        p = p.to(V.dtype.element_ty)
+        p, l_i = _numerators(qk - m_i[:, None], EXP2_MODE, V.dtype.element_ty)
         if DOT_FP32:
             p = p.to(tl.float32)
             v0 = v0.to(tl.float32)
@@ -211,11 +256,10 @@ def _attention_kernel(
                 qk = tl.where(n_ok[None, :], qk, float("-inf"))
             # Online softmax (Milakov & Gimelshein 2018) in the exp2 domain; the scale folds into one FMA.
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            p = tl.exp2(qk * qk_scale - m_new[:, None])
+            p, p_sum = _numerators(qk * qk_scale - m_new[:, None], EXP2_MODE, V.dtype.element_ty)
             alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
+            l_i = l_i * alpha + p_sum
             m_i = m_new
-            p = p.to(V.dtype.element_ty)
             if DOT_FP32:
                 p = p.to(tl.float32)
             if D0 > HEAD_DIM or not EVEN_N:  # masks only where a piece runs past the head dim
@@ -246,9 +290,10 @@ def _attention_kernel(
         tl.store(o_base + offs_m[:, None] * stride_os + d1[None, :], out1, mask=q_mask1)
 
 
-_KEY = ["SQ", "SK", "HEAD_DIM"]
+_KEY = ["SQ", "SK", "HEAD_DIM", "EXP2_MODE"]  # each exponential mode tunes its own tile
 _attention_loop = autotune(_configs(single=False), key=_KEY, prune=_prune(False))(_heuristics()(_attention_kernel))
 _attention_single = autotune(_configs(single=True), key=_KEY, prune=_prune(True))(_heuristics()(_attention_kernel))
+_attention_untuned = _heuristics()(_attention_kernel)
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -282,15 +327,32 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError("k and v have no keys; attention needs at least one")
 
 
+def _exp2_mode(exp2: str | None, dtype: torch.dtype) -> int:
+    name = EXP2 if exp2 is None else exp2
+    if name not in EXP2_MODES:
+        raise ValueError(f"exp2 {name!r} is not a mode; allowed: {', '.join(EXP2_MODES)}")
+    if name == "half2" and (_INTERPRET or dtype != torch.float16):
+        name = "mufu"  # inline PTX does not run in the interpreter, and its half2 results are fp16
+    return EXP2_MODES[name]
+
+
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, out: torch.Tensor | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    out: torch.Tensor | None = None,
+    exp2: str | None = None,
+    config: triton.Config | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale) v for q [B, Sq, H, D], k/v [B, Sk, H, D]; returns [B, Sq, H, D].
 
     The result is a new contiguous tensor, or `out` (any strides with the head dim contiguous, e.g. a view of the
     [B, Sq, H * D] input of the output projection).
 
-    scale defaults to 1/sqrt(D). The first call per shape autotunes, so call once before capturing a CUDA graph.
+    scale defaults to 1/sqrt(D); exp2 names how the exponentials are evaluated (EXP2_MODES; default EXP2). The
+    first call per shape autotunes, so call once before capturing a CUDA graph; `config` (BLOCK_M, SPLIT_D and on
+    the loop path BLOCK_N, with warps and stages) runs that one instead, untuned (benchmarks/attention_variants.py).
     """
     _check_inputs(q, k, v)
     b, sq, h, d = q.shape
@@ -316,15 +378,17 @@ def attention(
     def grid(meta):
         return (triton.cdiv(sq, meta["BLOCK_M"]), b * h)
 
-    if sk <= SINGLE_BLOCK_MAX_KEYS:
-        _attention_single[grid](
-            *args, scale * math.log2(math.e), HEAD_DIM=d, BLOCK_N=max(16, triton.next_power_of_2(sk)),
-            SINGLE_BLOCK=True, STRIDE_MULT=mult, DOT_FP32=dot_fp32,
-        )  # fmt: skip
+    single = sk <= SINGLE_BLOCK_MAX_KEYS
+    mode = _exp2_mode(exp2, q.dtype)
+    fixed = dict(HEAD_DIM=d, SINGLE_BLOCK=single, STRIDE_MULT=mult, DOT_FP32=dot_fp32, EXP2_MODE=mode)
+    if single:
+        fixed["BLOCK_N"] = max(16, triton.next_power_of_2(sk))
+    if config is None:
+        kernel = _attention_single if single else _attention_loop
     else:
-        _attention_loop[grid](
-            *args, scale * math.log2(math.e), HEAD_DIM=d, SINGLE_BLOCK=False, STRIDE_MULT=mult, DOT_FP32=dot_fp32
-        )
+        kernel = _attention_untuned
+        fixed.update(config.all_kwargs())
+    kernel[grid](*args, scale * math.log2(math.e), **fixed)
     return o
 
 

@@ -34,6 +34,11 @@ EXPECTED = {
     "- wide-head softmax in one pass": (("attention",), True),
     "- cross-attention K/V once": (("joint_cross_attention",), True),
     "- text encoders side by side": (("concurrent_text_encoders",), True),
+    **{
+        f"+ {mode} exponentials{long}": (("attention",), True)
+        for mode in ("half2", "split", "poly")
+        for long in ("", " and long self-attention")
+    },
 }
 
 
@@ -86,3 +91,15 @@ def test_the_fast_path_sends_only_long_self_attention_with_narrow_heads_to_sdpa(
     for sq, sk, d in cases:
         ops.TRITON_OPS.attention(torch.zeros(1, 1, sq, d), torch.zeros(1, 1, sk, d), torch.zeros(1, 1, sk, d))
     assert calls == list(cases.values())
+
+
+def test_the_exponential_variants_run_the_kernel_in_their_mode_and_restore_it(monkeypatch):
+    from diffrt.kernels import attention as kernel
+
+    seen = []
+    monkeypatch.setattr(ops, "attention_kernels", lambda q, k, v: seen.append(("all", kernel.EXP2)))
+    monkeypatch.setattr(ops, "attention_triton", lambda q, k, v: seen.append(("fast path", kernel.EXP2)))
+    q = torch.zeros(1, 1, 4, 64)
+    VARIANTS["+ split exponentials"][0].attention(q, q, q)
+    VARIANTS["+ half2 exponentials and long self-attention"][0].attention(q, q, q)
+    assert seen == [("fast path", "split"), ("all", "half2")] and kernel.EXP2 == "mufu"

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import triton
+import triton.language as tl
 
 from benchmarks.kernel_shapes import all_unet_shapes, long_prompt_shapes
 from diffrt.kernels import attention as attn_mod
@@ -95,6 +96,59 @@ def test_padded_head_dim_path(label, sq, sk, d, monkeypatch):
     _run_and_check(q, k, v, *TOLERANCES[torch.float16], label)
 
 
+# The exponential modes through the interpreter ("half2" is inline PTX: it runs as "mufu" here, on the GPU below).
+MODE_EDGE = [e for e in EDGE if e[0] in ("cross77_d40_sq70", "loop_d80_self260", "loop_d40_sk257", "cross1_d64")]
+
+
+@pytest.mark.parametrize("exp2", ["split", "poly"])
+@pytest.mark.parametrize(("label", "b", "sq", "sk", "h", "d"), MODE_EDGE, ids=[e[0] for e in MODE_EDGE])
+def test_exponential_modes_on_edge_shapes(label, b, sq, sk, h, d, exp2):
+    q, k, v = _qkv(b, sq, sk, h, d, torch.float16, seed=3)
+    out = poisoned_like(torch.empty(q.shape, dtype=q.dtype, device=q.device))
+    attention(q, k, v, out=out, exp2=exp2)
+    check_output(out, _reference_fp32(q, k, v), attention_reference(q, k, v), *TOLERANCES[torch.float16], label)
+
+
+@triton.jit
+def _exp2_poly_probe(X, OUT, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(OUT + offs, attn_mod._exp2_poly(tl.load(X + offs)))
+
+
+def test_polynomial_exponential_is_within_a_tenth_of_an_fp16_ulp():
+    # Every exponent the softmax feeds it (x <= 0, -inf for masked keys) and the fractions between integers.
+    x = torch.cat([torch.linspace(-30.0, 0.0, 4092), torch.tensor([-100.0, -125.9, -500.0, float("-inf")])])
+    out = torch.empty_like(x)
+    _exp2_poly_probe[(1,)](x.to(device()), out := out.to(device()), N=x.numel())
+    ref = torch.exp2(x.double())
+    rel = ((out.cpu().double() - ref).abs() / ref.clamp_min(1e-300))[:4093]
+    assert rel.max().item() < 1e-4, f"relative error {rel.max().item():.3g} (fp16's half ulp is 4.9e-4)"
+    assert (out.cpu()[-4:] < 1e-30).all() and (out.cpu()[-4:] >= 0).all(), "masked keys must weigh ~0, never < 0"
+
+
+def test_the_variant_sweep_pins_each_mode_with_each_fitting_tile():
+    # benchmarks/attention_variants.py: every (mode, pinned config) of a shape once, each config one the kernel takes
+    from benchmarks.attention_variants import SHAPES, configs_for, variants
+
+    for label, _, sk, _, d in SHAPES:
+        runs = list(variants(sk, d))
+        assert len({name for name, _, _ in runs}) == len(runs), label
+        assert len(runs) == 1 + len(attn_mod.EXP2_MODES) * len(configs_for(sk, d)) > 1 + len(attn_mod.EXP2_MODES)
+    # a pinned config runs untuned (interpreter: small shapes through the loop and the single-block path)
+    for sk, d in ((130, 40), (77, 64)):
+        q, k, v = _qkv(1, 20, sk, 1, d, torch.float16, seed=7)
+        config = configs_for(sk, d)[-1]
+        out = attention(q, k, v, exp2="split", config=config)
+        ref, torch_out = _reference_fp32(q, k, v), attention_reference(q, k, v)
+        check_output(out, ref, torch_out, *TOLERANCES[torch.float16], str(config))
+
+
+def test_unknown_exponential_mode_is_rejected():
+    q, k, v = _qkv(1, 16, 77, 2, 40, torch.float16)
+    with pytest.raises(ValueError, match=r"exp2 'fast' is not a mode; allowed: mufu, half2, split, poly"):
+        attention(q, k, v, exp2="fast")
+
+
 def test_autotune_pruning():
     # The prune hooks run only when autotuning, never under the interpreter: call them as Triton does, with the
     # positional arguments in named_args and the keyword (constexpr) ones in kwargs.
@@ -161,3 +215,18 @@ BF16_REAL = [s for s in UNET_ATTN if s.seq_q in (1024, 4096)]
 def test_real_shapes_bf16(shape):
     q, k, v = _qkv(2, shape.seq_q, shape.seq_k, shape.heads, shape.head_dim, torch.bfloat16)
     _run_and_check(q, k, v, *TOLERANCES[torch.bfloat16], shape.label)
+
+
+MODE_REAL = [s for s in UNET_ATTN if s.head_dim in (40, 64) and s.seq_q >= 4096]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("exp2", ["half2", "split", "poly"])
+@pytest.mark.parametrize("shape", MODE_REAL, ids=[s.label for s in MODE_REAL])
+def test_exponential_modes_on_real_shapes(shape, exp2):
+    q, k, v = _qkv(1, shape.seq_q, shape.seq_k, shape.heads, shape.head_dim, torch.float16, seed=5)
+    out = poisoned_like(torch.empty(q.shape, dtype=q.dtype, device=q.device))
+    attention(q, k, v, out=out, exp2=exp2)
+    ref = _reference_fp32(q, k, v)
+    check_output(out, ref, attention_reference(q, k, v), *TOLERANCES[torch.float16], f"{shape.label} {exp2}")
