@@ -27,6 +27,7 @@ import triton.language as tl
 
 from diffrt.kernels._autotune import INTERPRET as _INTERPRET
 from diffrt.kernels._autotune import autotune
+from diffrt.kernels.grid_dependency import launch_options, wait_for_predecessor
 
 # Longest key length served by the single-block path (keys padded to a power of two). 77 text tokens fit; at 154
 # the loop with 64/128-key blocks wastes less of the padded tile and measured faster (benchmarks/NOTES_kernels.md).
@@ -163,7 +164,9 @@ def _attention_kernel(
     STRIDE_MULT: tl.constexpr,  # every stride is a multiple of this (8: 16-byte rows, so loads vectorise)
     DOT_FP32: tl.constexpr,  # upcast dot operands (interpreter: its bf16 dot is wrong in triton 3.9)
     EXP2_MODE: tl.constexpr,  # how the exponentials are evaluated (EXP2_MODES)
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (grid_dependency.py)
 ):
+    wait_for_predecessor(PDL)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -388,7 +391,7 @@ def attention(
     else:
         kernel = _attention_untuned
         fixed.update(config.all_kwargs())
-    kernel[grid](*args, scale * math.log2(math.e), **fixed)
+    kernel[grid](*args, scale * math.log2(math.e), **fixed, **launch_options(q.device))
     return o
 
 

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from diffrt.kernels._autotune import autotune as _autotune
+from diffrt.kernels.grid_dependency import launch_options, wait_for_predecessor
 
 _CONFIGS = [
     triton.Config({"BLOCK_M": 32, "BLOCK_C": 128}, num_warps=4),
@@ -37,7 +38,9 @@ def _bias_add_kernel(
     RELU: tl.constexpr,  # whether max(y, 0) is stored
     BLOCK_M: tl.constexpr,  # rows per program
     BLOCK_C: tl.constexpr,  # channels per program
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (grid_dependency.py)
 ):
+    wait_for_predecessor(PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (rows[:, None] < M) & (cols[None, :] < C)
@@ -100,7 +103,8 @@ def bias_add(
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"]))
 
-    _bias_add_kernel[grid](x2, bias, r2, y2, m, c, float(scale), HAS_RES=residual is not None, RELU=bool(relu))
+    _bias_add_kernel[grid](x2, bias, r2, y2, m, c, float(scale), HAS_RES=residual is not None, RELU=bool(relu),
+                           **launch_options(x.device))  # fmt: skip
     return y
 
 

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from diffrt.kernels._autotune import autotune as _autotune
+from diffrt.kernels.grid_dependency import launch_options, wait_for_predecessor
 
 _CONFIGS = [
     triton.Config({"BLOCK_M": 16, "BLOCK_D": 128}, num_warps=4),
@@ -28,7 +29,9 @@ def _geglu_kernel(
     D,  # output width
     BLOCK_M: tl.constexpr,  # rows per program
     BLOCK_D: tl.constexpr,  # columns per program
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (grid_dependency.py)
 ):
+    wait_for_predecessor(PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = (rows[:, None] < M) & (cols[None, :] < D)
@@ -55,7 +58,7 @@ def geglu(hg: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_D"]))
 
-    _geglu_kernel[grid](hg, y, m, d)
+    _geglu_kernel[grid](hg, y, m, d, **launch_options(hg.device))
     return y
 
 

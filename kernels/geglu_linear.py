@@ -16,6 +16,7 @@ import triton.language as tl
 
 from diffrt.kernels._autotune import INTERPRET as _INTERPRET
 from diffrt.kernels._autotune import autotune as _autotune
+from diffrt.kernels.grid_dependency import launch_options, wait_for_predecessor
 
 # BLOCK_N columns of h and BLOCK_N of the gate per program: two fp32 accumulators, so the tiles are half as wide as
 # a plain GEMM's at the same register budget. The first config is the interpreter's (CPU tests).
@@ -46,7 +47,9 @@ def _geglu_linear_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,  # row blocks that take their turns over the columns together (their W tiles stay in L2)
     DOT_FP32: tl.constexpr,  # upcast the dot's operands (the interpreter's bf16 dot is wrong, as attention's notes)
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (grid_dependency.py)
 ):
+    wait_for_predecessor(PDL)
     pid = tl.program_id(0)
     blocks_m, blocks_n = tl.cdiv(M, BLOCK_M), tl.cdiv(D, BLOCK_N)
     per_group = GROUP_M * blocks_n
@@ -119,7 +122,9 @@ def geglu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> t
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(d, meta["BLOCK_N"]),)
 
-    _geglu_linear_kernel[grid](x2, weight[:d], weight[d:], bias, y, m, d, k, DOT_FP32=_INTERPRET)
+    _geglu_linear_kernel[grid](
+        x2, weight[:d], weight[d:], bias, y, m, d, k, DOT_FP32=_INTERPRET, **launch_options(x.device)
+    )
     return y
 
 

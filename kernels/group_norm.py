@@ -25,6 +25,7 @@ import triton.language as tl
 from diffrt.kernels._autotune import INTERPRET as _INTERPRET
 from diffrt.kernels._autotune import autotune as _autotune
 from diffrt.kernels.bias_add import bias_add, bias_add_reference
+from diffrt.kernels.grid_dependency import launch_options, wait_for_predecessor
 
 # Above this many elements per group the "split" algorithm is used (see _choose_algorithm).
 FUSED_MAX_GROUP_ELEMENTS = 16384
@@ -89,7 +90,9 @@ def _group_norm_fused_kernel(
     SILU: tl.constexpr,  # fuse SiLU
     BLOCK_C: tl.constexpr,  # power of two >= CG
     BLOCK_S: tl.constexpr,  # spatial positions per tile
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (grid_dependency.py)
 ):
+    wait_for_predecessor(PDL)
     pid = tl.program_id(0)
     n = pid // G
     g = pid % G
@@ -174,7 +177,9 @@ def _group_norm_stats_kernel(
     WRITE_H: tl.constexpr,  # the producer's epilogue: add the bias, scale, store h, and take h's statistics
     BLOCK_S: tl.constexpr,  # spatial positions per tile
     BLOCK_C: tl.constexpr,  # channels per program
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (grid_dependency.py)
 ):
+    wait_for_predecessor(PDL)
     pid = tl.program_id(0)
     num_c = (C + BLOCK_C - 1) // BLOCK_C
     if C_INNER:  # channels-last: channel blocks vary fastest, so the linear id follows memory order
@@ -275,7 +280,9 @@ def _group_norm_finalize_kernel(
     HAS_B: tl.constexpr,  # bias given
     BLOCK_SPLIT: tl.constexpr,  # chunks folded per iteration
     BLOCK_CG: tl.constexpr,  # power of two >= CG
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (grid_dependency.py)
 ):
+    wait_for_predecessor(PDL)
     pid = tl.program_id(0)
     n = pid // G
     g = pid % G
@@ -338,7 +345,9 @@ def _group_norm_apply_kernel(
     C_INNER: tl.constexpr,  # channels-last memory order
     BLOCK_S: tl.constexpr,  # spatial positions per tile
     BLOCK_C: tl.constexpr,  # channels per tile
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (grid_dependency.py)
 ):
+    wait_for_predecessor(PDL)
     num_s = (S + BLOCK_S - 1) // BLOCK_S
     num_c = (C + BLOCK_C - 1) // BLOCK_C
     # Walk memory backwards: the stats kernel just read it forwards, so its tail is still in L2.
@@ -520,7 +529,7 @@ def bias_add_with_stats(
 
     _group_norm_stats_kernel[grid](
         x, residual if residual is not None else x, pmean, pm2, bias, h, *sx, *sr, c, s, split, chunk, float(scale),
-        HAS_RES=residual is not None, C_INNER=c_inner, WRITE_H=True,
+        HAS_RES=residual is not None, C_INNER=c_inner, WRITE_H=True, **launch_options(x.device),
     )  # fmt: skip
     return h, GroupStats(pmean, pm2, split, chunk, tuple(h.shape), h.stride(), h.data_ptr())
 
@@ -581,6 +590,7 @@ def group_norm(
         _group_norm_fused_kernel[(n * g,)](
             x, r, y, hsum, w, b, *sx, *sr, *sy, c, s, g, c // g, eps,
             HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_C=triton.next_power_of_2(c // g), **flags,
+            **launch_options(x.device),
         )  # fmt: skip
         return (y, hsum) if return_sum else y
 
@@ -597,19 +607,21 @@ def group_norm(
 
         _group_norm_stats_kernel[stats_grid](
             x, r, pmean, pm2, x, x, *sx, *sr, c, s, split, chunk, 1.0,
-            HAS_RES=residual is not None, C_INNER=c_inner, WRITE_H=False,
+            HAS_RES=residual is not None, C_INNER=c_inner, WRITE_H=False, **launch_options(x.device),
         )  # fmt: skip
     _group_norm_finalize_kernel[(n * g,)](
         pmean, pm2, weight if weight is not None else pmean, bias if bias is not None else pmean, scale, shift,
         c, s, g, c // g, split, chunk, float((c // g) * s), eps,
         HAS_W=weight is not None, HAS_B=bias is not None,
         BLOCK_SPLIT=min(FINALIZE_BLOCK, triton.next_power_of_2(split)), BLOCK_CG=triton.next_power_of_2(c // g),
+        **launch_options(x.device),
     )  # fmt: skip
 
     def apply_grid(meta):
         return (n * triton.cdiv(s, meta["BLOCK_S"]) * triton.cdiv(c, meta["BLOCK_C"]),)
 
-    _group_norm_apply_kernel[apply_grid](x, r, y, hsum, scale, shift, *sx, *sr, *sy, c, s, C_INNER=c_inner, **flags)
+    _group_norm_apply_kernel[apply_grid](x, r, y, hsum, scale, shift, *sx, *sr, *sy, c, s, C_INNER=c_inner, **flags,
+                                         **launch_options(x.device))  # fmt: skip
     return (y, hsum) if return_sum else y
 
 

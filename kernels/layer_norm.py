@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from diffrt.kernels._autotune import autotune as _autotune
+from diffrt.kernels.grid_dependency import launch_options, wait_for_predecessor
 
 _CONFIGS = [
     triton.Config({"BLOCK_M": 1}, num_warps=4),
@@ -43,7 +44,9 @@ def _layer_norm_kernel(
     HAS_ADD: tl.constexpr,  # whether SUM is written
     BLOCK_M: tl.constexpr,  # rows per program
     BLOCK_C: tl.constexpr,  # power of two >= C: a whole row per program row
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (grid_dependency.py)
 ):
+    wait_for_predecessor(PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_C)
     col_ok = cols < C
@@ -107,7 +110,7 @@ def layer_norm(
             return (triton.cdiv(m, meta["BLOCK_M"]),)
 
         _layer_norm_kernel[grid](x, weight, bias, add if add is not None else weight, y, total, m, c, sx, float(eps),
-                                 HAS_ADD=add is not None, BLOCK_C=block_c)  # fmt: skip
+                                 HAS_ADD=add is not None, BLOCK_C=block_c, **launch_options(x.device))  # fmt: skip
     return (y, total) if add is not None else y
 
 

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from diffrt.kernels.grid_dependency import launch_options, wait_for_predecessor
+
 # Longest row one program holds whole: 16384 fp32 values over 16 warps are 32 registers a thread.
 SINGLE_PASS_MAX_COLUMNS = 16384
 # Columns per iteration of the two-pass path.
@@ -30,7 +32,9 @@ def _softmax_rows_kernel(
     N,  # columns
     BLOCK_N: tl.constexpr,  # columns per load: the whole row when SINGLE_PASS
     SINGLE_PASS: tl.constexpr,  # the row fits one block
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (grid_dependency.py)
 ):
+    wait_for_predecessor(PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * sxr
     y_row = Y + row * syr
@@ -78,7 +82,8 @@ def softmax_rows(scores: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | N
     single = n <= SINGLE_PASS_MAX_COLUMNS
     block = triton.next_power_of_2(n) if single else LOOP_BLOCK
     warps = max(1, min(16, block // 1024))  # ~32 fp32 values a thread in the single pass
-    _softmax_rows_kernel[(rows,)](scores, y, n, n, n, BLOCK_N=block, SINGLE_PASS=single, num_warps=warps)
+    _softmax_rows_kernel[(rows,)](scores, y, n, n, n, BLOCK_N=block, SINGLE_PASS=single, num_warps=warps,
+                                  **launch_options(scores.device))  # fmt: skip
     return y
 
 

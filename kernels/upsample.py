@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from diffrt.kernels._autotune import autotune as _autotune
+from diffrt.kernels.grid_dependency import launch_options, wait_for_predecessor
 
 _CONFIGS = [
     triton.Config({"BLOCK_W": 16, "BLOCK_C": 128}, num_warps=4),
@@ -30,7 +31,9 @@ def _upsample_nearest2x_kernel(
     C,  # channels
     BLOCK_W: tl.constexpr,  # input pixels of one row per program
     BLOCK_C: tl.constexpr,  # channels per program
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (grid_dependency.py)
 ):
+    wait_for_predecessor(PDL)
     row = tl.program_id(0)  # n * H + h
     ws = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
     cs = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -59,7 +62,7 @@ def upsample_nearest2x(x: torch.Tensor) -> torch.Tensor:
     def grid(meta):
         return (n * h, triton.cdiv(w, meta["BLOCK_W"]), triton.cdiv(c, meta["BLOCK_C"]))
 
-    _upsample_nearest2x_kernel[grid](x, y, h, w, c)
+    _upsample_nearest2x_kernel[grid](x, y, h, w, c, **launch_options(x.device))
     return y
 
 

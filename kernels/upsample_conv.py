@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from diffrt.kernels._autotune import autotune as _autotune
+from diffrt.kernels.grid_dependency import launch_options, wait_for_predecessor
 
 _CONFIGS = [
     triton.Config({"BLOCK_W": 16, "BLOCK_C": 128}, num_warps=4),
@@ -58,7 +59,9 @@ def _interleave_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_W: tl.constexpr,  # output pixels of one row per program
     BLOCK_C: tl.constexpr,  # channels per program
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (grid_dependency.py)
 ):
+    wait_for_predecessor(PDL)
     out_row = tl.program_id(0)  # n * 2H + 2i + a
     n, r = out_row // (2 * H), out_row % (2 * H)
     i, a = r // 2, r % 2
@@ -92,7 +95,9 @@ def interleave_phases(p: torch.Tensor, bias: torch.Tensor | None, h: int, w: int
     def grid(meta):
         return (n * 2 * h, triton.cdiv(2 * w, meta["BLOCK_W"]), triton.cdiv(c, meta["BLOCK_C"]))
 
-    _interleave_kernel[grid](p, p if bias is None else bias, y, h, w, c, HAS_BIAS=bias is not None)
+    _interleave_kernel[grid](
+        p, p if bias is None else bias, y, h, w, c, HAS_BIAS=bias is not None, **launch_options(p.device)
+    )
     return y
 
 
