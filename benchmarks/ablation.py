@@ -39,6 +39,9 @@ Variants (diffrt.models.ops records built from TRITON_OPS with one entry put bac
                             the attention kernel's softmax exponentials two fp16 ones per instruction, half of each
                             tile / all of it as a polynomial on the FMA units (kernels/attention.py EXP2_MODES);
                             "... and long self-attention": also the self-attention the fast path sends to SDPA
+  + programmatic dependent launch
+                            every Triton kernel launched to start while its predecessor finishes, waiting in-kernel
+                            for its memory (kernels/grid_dependency.py): the same ops, other launches
 
 With --runs (e.g. "1 step,LCM 4 steps"), each variant also times those generations end to end (the pipeline's graphs
 captured again on the variant's ops), for what only a whole generation shows.
@@ -47,6 +50,7 @@ captured again on the variant's ops), for what only a whole generation shows.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -61,6 +65,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # last: kernels/ must
 from benchmarks.environment import environment  # noqa: E402
 from benchmarks.latency import Results  # noqa: E402
 from diffrt import latency  # noqa: E402
+from diffrt.kernels import grid_dependency  # noqa: E402
 from diffrt.models import ops  # noqa: E402
 from diffrt.models.taesd import AutoencoderTiny, TAESDConfig  # noqa: E402
 from diffrt.pipeline import Pipeline  # noqa: E402
@@ -125,7 +130,16 @@ VARIANTS = {
         for mode in ("half2", "split", "poly")
         for long, fn in (("", "attention_triton"), (" and long self-attention", "attention_kernels"))
     },
+    "+ programmatic dependent launch": (T, True),
 }
+# Variants that change how the kernels are launched rather than which ops run: their timings (and graph captures)
+# run inside this context.
+LAUNCHES = {"+ programmatic dependent launch": grid_dependency.enabled}
+
+
+def launches(name: str) -> contextlib.AbstractContextManager:
+    """The launch context a variant's calls run in (none for the ops variants)."""
+    return LAUNCHES.get(name, contextlib.nullcontext)()
 
 
 def measure(
@@ -168,7 +182,7 @@ def measure(
                 ops.set_ops(module, variant).to(memory_format=layout)
             for module in text_encoders:
                 ops.set_ops(module, variant)
-            with torch.inference_mode():
+            with torch.inference_mode(), launches(name):
                 for what, call in calls.items():
                     if not res.has(**cell, what=what):
                         res.add(**cell, what=what, **latency.graph_replay_ms(call))
@@ -180,7 +194,8 @@ def measure(
                     sampler, steps, guidance = latency.RUNS[run]
                     request = GenerationRequest(latency.PROMPT, height=size, width=size, sampler=sampler, steps=steps,
                                                 guidance_scale=guidance)  # fmt: skip
-                    res.add(**cell, what=f"e2e {run}", steps=steps, **latency.end_to_end(pipe, request))
+                    with launches(name):
+                        res.add(**cell, what=f"e2e {run}", steps=steps, **latency.end_to_end(pipe, request))
     for module in (unet, vae, taesd):  # back to the fast path's own choice
         ops.set_ops(module, T).to(memory_format=torch.channels_last)
     for module in text_encoders:

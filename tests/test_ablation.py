@@ -39,6 +39,7 @@ EXPECTED = {
         for mode in ("half2", "split", "poly")
         for long in ("", " and long self-attention")
     },
+    "+ programmatic dependent launch": ((), True),
 }
 
 
@@ -103,3 +104,14 @@ def test_the_exponential_variants_run_the_kernel_in_their_mode_and_restore_it(mo
     VARIANTS["+ split exponentials"][0].attention(q, q, q)
     VARIANTS["+ half2 exponentials and long self-attention"][0].attention(q, q, q)
     assert seen == [("fast path", "split"), ("all", "half2")] and kernel.EXP2 == "mufu"
+
+
+def test_the_launch_variant_runs_its_calls_with_programmatic_dependent_launch_and_restores_it():
+    from benchmarks.ablation import launches
+    from diffrt.kernels import grid_dependency
+
+    with launches("+ programmatic dependent launch"):
+        inside = grid_dependency.ENABLED
+    with launches("diffrt"):
+        plain = grid_dependency.ENABLED
+    assert inside and not plain and not grid_dependency.ENABLED
