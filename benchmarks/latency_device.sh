@@ -23,8 +23,9 @@
 #          CANDIDATE_SIZES (default 1024,512; at 1024² SD's first UNet level has 16384 queries); their GPU tests are
 #          the kernels phase's (tests/test_candidates_gpu.py, test_softmax.py)
 #   attention: benchmarks/attention_variants.py (every exponential mode of the attention kernel with each tile config
-#          against SDPA at the UNets' shapes), the kernel's GPU tests of the modes (ATTN_TEST_K) and, unless
-#          ATTN_ABLATION=0, the ablation of the modes for ATTN_ARCHS (default sd21,sd15) at ATTN_SIZES (default 1024,512)
+#          against SDPA at the UNets' shapes), the GPU tests of the modes and of programmatic dependent launch
+#          (ATTN_TEST_K) and, unless ATTN_ABLATION=0, the ablation of both (ATTN_VARIANTS) for ATTN_ARCHS (default
+#          sd21,sd15) at ATTN_SIZES (default 1024,512)
 #   profile: benchmarks/profile_components.py, kernel by kernel against the FLOP and weight-read floors, for PRESETS
 #   (default "sd21 sdxl") at PROFILE_SIZES (default "512 1024"), a JSON each (minutes, a guess)
 # Caches across calls (each machine starts bare): CACHES_OUT=1 packs Triton's and torch.compile's on-disk caches into
@@ -113,12 +114,12 @@ attention)
   # the sweep first: its 12 processes compile the kernel's variants into Triton's cache, which the tests and the
   # ablation then reuse
   export TRITON_CACHE_DIR=/tmp/diffrt-cache
-  stage attention_variants ${VARIANTS_S:-220} python3 benchmarks/attention_variants.py --precompile 12 --budget-s $(( ${VARIANTS_S:-220} - 40 )) --commit "$C" --out "$OUT/attention_variants.json"
+  stage attention_variants ${VARIANTS_S:-200} python3 benchmarks/attention_variants.py --shapes "${VARIANT_SHAPES:-0,2,3,4,6,1,7,8,5}" --precompile 12 --budget-s $(( ${VARIANTS_S:-200} - 50 )) --commit "$C" --out "$OUT/attention_variants.json"
   cat "$OUT/attention_variants.log"
-  stage attention_tests ${ATTN_TEST_S:-80} python3 -m pytest -q -x --tb=short -m gpu -p no:cacheprovider -k "${ATTN_TEST_K:-exponential}" tests/test_attention.py
+  stage attention_tests ${ATTN_TEST_S:-100} python3 -m pytest -q --tb=short -m gpu -p no:cacheprovider -k "${ATTN_TEST_K:-exponential or pdl}" tests/test_attention.py tests/test_grid_dependency.py
   grep -E "passed|failed|Error" "$OUT/attention_tests.log" | tail -n 12
   [ "${ATTN_ABLATION:-1}" = 1 ] || exit 0
-  stage ablation ${ABLATION_S:-170} python3 benchmarks/ablation.py --archs "${ATTN_ARCHS:-sd21,sd15}" --sizes "${ATTN_SIZES:-1024,512}" --variants "${ATTN_VARIANTS:-diffrt,+ half2 exponentials,+ half2 exponentials and long self-attention,+ split exponentials and long self-attention}" --budget-s $(( ${ABLATION_S:-170} - 25 )) --commit "$C" --out "$OUT/ablation.json"
+  stage ablation ${ABLATION_S:-250} python3 benchmarks/ablation.py --archs "${ATTN_ARCHS:-sd21,sd15}" --sizes "${ATTN_SIZES:-1024,512}" --variants "${ATTN_VARIANTS:-diffrt,+ half2 exponentials and long self-attention,+ split exponentials and long self-attention,+ programmatic dependent launch}" --budget-s $(( ${ABLATION_S:-250} - 25 )) --commit "$C" --out "$OUT/ablation.json"
   cat "$OUT/ablation.md" 2>/dev/null
   ;;
 profile)
