@@ -24,8 +24,9 @@
 #          the kernels phase's (tests/test_candidates_gpu.py, test_softmax.py)
 #   attention: benchmarks/attention_variants.py (every exponential mode of the attention kernel with each tile config
 #          against SDPA at the UNets' shapes), the GPU tests of the modes and of programmatic dependent launch
-#          (ATTN_TEST_K) and, unless ATTN_ABLATION=0, the ablation of both (ATTN_VARIANTS) for ATTN_ARCHS (default
-#          sd21,sd15) at ATTN_SIZES (default 1024,512)
+#          (ATTN_TEST_K), what a kernel boundary costs with and without it (benchmarks/launch_gaps.py) and, unless
+#          ATTN_ABLATION=0, the ablation of both (ATTN_VARIANTS) for ATTN_ARCHS (default sd21,sd15) at ATTN_SIZES
+#          (default 1024,512); the logs come back as attention_logs.tgz
 #   profile: benchmarks/profile_components.py, kernel by kernel against the FLOP and weight-read floors, for PRESETS
 #   (default "sd21 sdxl") at PROFILE_SIZES (default "512 1024"), a JSON each (minutes, a guess)
 # Caches across calls (each machine starts bare): CACHES_OUT=1 packs Triton's and torch.compile's on-disk caches into
@@ -118,9 +119,14 @@ attention)
   cat "$OUT/attention_variants.log"
   stage attention_tests ${ATTN_TEST_S:-100} python3 -m pytest -q --tb=short -m gpu -p no:cacheprovider -k "${ATTN_TEST_K:-exponential or pdl}" tests/test_attention.py tests/test_grid_dependency.py
   grep -E "passed|failed|Error" "$OUT/attention_tests.log" | tail -n 12
-  [ "${ATTN_ABLATION:-1}" = 1 ] || exit 0
-  stage ablation ${ABLATION_S:-250} python3 benchmarks/ablation.py --archs "${ATTN_ARCHS:-sd21,sd15}" --sizes "${ATTN_SIZES:-1024,512}" --variants "${ATTN_VARIANTS:-diffrt,+ half2 exponentials and long self-attention,+ split exponentials and long self-attention,+ programmatic dependent launch}" --budget-s $(( ${ABLATION_S:-250} - 25 )) --commit "$C" --out "$OUT/ablation.json"
-  cat "$OUT/ablation.md" 2>/dev/null
+  stage launch_gaps 40 python3 benchmarks/launch_gaps.py --commit "$C" --out "$OUT/launch_gaps.json"
+  cat "$OUT/launch_gaps.log"
+  if [ "${ATTN_ABLATION:-1}" = 1 ]; then
+    stage ablation ${ABLATION_S:-230} python3 benchmarks/ablation.py --archs "${ATTN_ARCHS:-sd21,sd15}" --sizes "${ATTN_SIZES:-1024,512}" --variants "${ATTN_VARIANTS:-diffrt,+ half2 exponentials and long self-attention,+ split exponentials and long self-attention,+ programmatic dependent launch}" --budget-s $(( ${ABLATION_S:-230} - 25 )) --commit "$C" --out "$OUT/ablation.json"
+    cat "$OUT/ablation.md" 2>/dev/null
+  fi
+  # at most 8 files come back: the logs in one archive
+  tar czf "$OUT/attention_logs.tgz" -C "$OUT" $(cd "$OUT" && ls *.log) && rm -f "$OUT"/*.log
   ;;
 profile)
   for preset in ${PRESETS:-sd21 sdxl}; do for size in ${PROFILE_SIZES:-512 1024}; do
