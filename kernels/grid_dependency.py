@@ -31,10 +31,15 @@ def _supported(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
+_OFF = {"PDL": False, "launch_pdl": False}
+_ON = {"PDL": True, "launch_pdl": True}
+
+
 def launch_options(device: torch.device) -> dict:
-    """A kernel launch's keyword arguments: its PDL constexpr and Triton's launch_pdl option, both the same."""
+    """A kernel launch's keyword arguments: its PDL constexpr and Triton's launch_pdl option, both the same (a
+    shared dict: the launches only unpack it)."""
     on = ENABLED and not INTERPRET and device.type == "cuda" and _supported(device.index or 0)
-    return {"PDL": on, "launch_pdl": on}
+    return _ON if on else _OFF
 
 
 @contextlib.contextmanager
