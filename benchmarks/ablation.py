@@ -39,6 +39,9 @@ Variants (diffrt.models.ops records built from TRITON_OPS with one entry put bac
                             the attention kernel's softmax exponentials two fp16 ones per instruction, half of each
                             tile / all of it as a polynomial on the FMA units (kernels/attention.py EXP2_MODES);
                             "... and long self-attention": also the self-attention the fast path sends to SDPA
+  + block biases in joint passes
+                            the ResNet blocks' bias sums (time projection + conv1's bias, conv2's + the shortcut's)
+                            as one add each for all blocks of a step (ops.joint_block_biases)
   + programmatic dependent launch
                             every Triton kernel launched to start while its predecessor finishes, waiting in-kernel
                             for its memory (kernels/grid_dependency.py): the same ops, other launches
@@ -131,6 +134,7 @@ VARIANTS = {
         for long, fn in (("", "attention_triton"), (" and long self-attention", "attention_kernels"))
     },
     "+ programmatic dependent launch": (T, True),
+    "+ block biases in joint passes": (dataclasses.replace(T, joint_block_biases=True), True),
 }
 # Variants that change how the kernels are launched rather than which ops run: their timings (and graph captures)
 # run inside this context.

@@ -40,6 +40,7 @@ EXPECTED = {
         for long in ("", " and long self-attention")
     },
     "+ programmatic dependent launch": ((), True),
+    "+ block biases in joint passes": (("joint_block_biases",), True),
 }
 
 
@@ -60,6 +61,7 @@ def test_each_variant_switches_off_only_what_it_names(name):
         "geglu_linear",  # the candidate switched on: not torch's (which has none) but the kernel's
         "upsample_conv",  # off on the fast path as on torch's: upsampling, then the convolution
         "joint_time_projections",
+        "joint_block_biases",  # a candidate switched on
     }:
         assert getattr(variant, f) == getattr(ops.TORCH_OPS, f), f"{name}: {f}"
 

@@ -174,6 +174,47 @@ def test_unet_with_its_time_projections_in_one_gemm_matches_torch(preset):
     assert max_rel_error(ours, ref) <= 1e-4
 
 
+@pytest.mark.parametrize("preset", ["tiny-sd15", "tiny-sdxl"])
+def test_unet_with_its_block_biases_in_joint_passes_gives_the_same_bits_with_fewer_adds(preset):
+    """ops.joint_block_biases: the ResNet blocks' bias sums (time projection + conv1's bias, conv2's + the shortcut's)
+    for all blocks at once give the fast path's output bit for bit (the same fp16 sums), in fp16 and at batch 2 (the
+    CFG batch: the shifts are strided views of one [N, sum of channels] tensor), with all but two of the blocks' adds
+    gone."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountAdds(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.adds = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.adds += func is torch.ops.aten.add.Tensor
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(UNetConfig.preset(preset)).eval().half().to(memory_format=torch.channels_last)
+    for name, p in unet.named_parameters():  # biases far from zero, so that a sum taken twice or missed shows
+        if name.endswith("bias"):
+            p.data.normal_(0, 0.5)
+    x, t, ctx = _unet_inputs(unet.config, 2, 8, 8, "cpu", torch.float16)
+    x = x.to(memory_format=torch.channels_last)
+    c, extra = unet.config, {}
+    if c.addition_embed_type == "text_time":
+        pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+        extra = {"text_embeds": torch.randn(2, pooled).half(), "time_ids": torch.randn(2, 6).half()}
+    outs, adds = [], []
+    for joint in (False, True):
+        set_ops(unet, dataclasses.replace(TRITON_OPS, joint_block_biases=joint))
+        counter = CountAdds()
+        with torch.no_grad(), counter:
+            outs.append(unet(x, t, ctx, **extra))
+        adds.append(counter.adds)
+    blocks, _ = unet._time_projections
+    shortcuts = sum(b.conv_shortcut is not None for b in blocks)
+    assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1])
+    assert adds[0] - adds[1] == len(blocks) + shortcuts - 2 and shortcuts > 0
+
+
 def test_set_ops_can_go_back_to_torch():
     unet = set_ops(UNet2DConditionModel(UNetConfig.preset("tiny-sd15")), TRITON_OPS)
     assert ops_of(set_ops(unet, TORCH_OPS)) == {"torch"}

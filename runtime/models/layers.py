@@ -65,6 +65,46 @@ def joint_time_projections(blocks: list["ResnetBlock2D"], joint: JointLinear, te
     return temb
 
 
+# The same blocks' per-channel sums, for all of them in a few passes (ops.joint_block_biases): {block: (what norm2
+# adds: its time projection plus conv1's bias, what the closing residual add adds: conv2's bias plus the shortcut's)}.
+BLOCK_BIASES = "_diffrt_block_biases"
+
+
+def joint_block_biases(blocks: list["ResnetBlock2D"], joint: JointLinear, temb: torch.Tensor) -> torch.Tensor:
+    """temb carrying every block's two bias sums: one GEMM over all time projections, one add of all conv1 biases
+    to it, one add of all shortcut blocks' two biases, where each block would add its own (two tiny launches a block
+    in a CUDA graph). The same fp16 sums, element for element; read from the live parameters at every call, so a
+    captured graph sees in-place weight changes (LoRA's bias differences)."""
+    if any(b.conv1.bias is None or b.conv2.bias is None for b in blocks):
+        return joint_time_projections(blocks, joint, temb)
+    shifts = joint.unsplit(F.silu(temb)) + torch.cat([b.conv1.bias for b in blocks])
+    cut = [b for b in blocks if b.conv_shortcut is not None and b.conv_shortcut.bias is not None]
+    sums = {}
+    if cut:
+        both = torch.cat([b.conv2.bias for b in cut]) + torch.cat([b.conv_shortcut.bias for b in cut])
+        sums = dict(zip(cut, both.split([b.conv2.out_channels for b in cut]), strict=True))
+    temb.__dict__[BLOCK_BIASES] = {
+        b: (shift, sums.get(b)) for b, shift in zip(blocks, shifts.split(joint.sizes, dim=-1), strict=True)
+    }
+    return temb
+
+
+def block_biases(block: "ResnetBlock2D", temb: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(what norm2 adds, what the closing residual add adds) for `block`: from the UNet's joint passes where they
+    ran, else the block's own sums."""
+    done = temb.__dict__.get(BLOCK_BIASES) if temb is not None else None
+    shift, bias = done[block] if done is not None and block in done else (None, None)
+    if shift is None:
+        shift = block.conv1.bias
+        if block.time_emb_proj is not None:
+            shift = _bias_sum(time_projection(block, temb), shift)
+    if bias is None:
+        bias = block.conv2.bias
+        if block.conv_shortcut is not None:
+            bias = _bias_sum(bias, block.conv_shortcut.bias)
+    return shift, bias
+
+
 def _bias_sum(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     return b if a is None else a if b is None else a + b
 
@@ -102,13 +142,10 @@ class ResnetBlock2D(nn.Module):
             return (x + h) / self.output_scale_factor if self.output_scale_factor != 1.0 else x + h
         # conv1's bias and the time embedding are added by norm2, conv2's (and the shortcut's) by the residual add.
         h = self.conv1.unbiased(self.norm1(x))
-        shift = self.conv1.bias
-        if self.time_emb_proj is not None:
-            shift = _bias_sum(time_projection(self, temb), shift)
+        shift, bias = block_biases(self, temb)
         h = self.conv2.unbiased(self.norm2(h, shift))
-        bias = self.conv2.bias
         if self.conv_shortcut is not None:
-            x, bias = self.conv_shortcut.unbiased(x), _bias_sum(bias, self.conv_shortcut.bias)
+            x = self.conv_shortcut.unbiased(x)
         if self.ops.group_stats:  # the output's statistics for the next GroupNorm (the next block's norm1)
             return self.ops.bias_add_stats(h, bias, x, 1.0 / self.output_scale_factor, self.norm2.num_groups)
         return self.ops.bias_add(h, bias, x, 1.0 / self.output_scale_factor)

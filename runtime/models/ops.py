@@ -94,6 +94,11 @@ class Ops:
     # TRITON_OPS (UNet step -0.08..-0.14 ms, SD2.1 and SDXL at 512² and 1024², on the H200; benchmarks/ablation.py
     # "- time projections in one GEMM").
     joint_time_projections: bool = False
+    # With joint_time_projections and folded biases: the ResNet blocks' per-channel bias sums (each block's time
+    # projection plus conv1's bias, and for a block with a shortcut conv2's bias plus the shortcut's) as one add each
+    # for all blocks of a step instead of one tiny add per block (36 launches in SD's UNet; diffrt.models.layers
+    # joint_block_biases). The same fp16 sums. Off in TRITON_OPS until measured (benchmarks/NOTES_kernels.md run 24).
+    joint_block_biases: bool = False
     # Every cross-attention layer's keys and values of the text (16 GEMMs of M = 77 a step in SD's UNet, 70 in
     # SDXL's) as one GEMM, and in a sampler loop once per generation rather than once per step (the denoiser role's
     # `prepare`; diffrt.models.cross_attention_kv). On in TRITON_OPS (H100: UNet step SDXL -0.18..-0.21 ms, SD2.1

@@ -13,7 +13,13 @@ from torch import nn
 from diffrt.models.cross_attention_kv import CrossAttentionKV, CrossAttentionProjections
 from diffrt.models.embeddings import TimestepEmbedding, Timesteps
 from diffrt.models.joint_linear import JointLinear
-from diffrt.models.layers import BasicTransformerBlock, GroupNorm, ResnetBlock2D, joint_time_projections
+from diffrt.models.layers import (
+    BasicTransformerBlock,
+    GroupNorm,
+    ResnetBlock2D,
+    joint_block_biases,
+    joint_time_projections,
+)
 from diffrt.models.ops import TORCH_OPS
 from diffrt.models.unet_blocks import CrossAttention, DownBlock, MidBlock, UpBlock
 from diffrt.models.unet_config import (
@@ -133,7 +139,8 @@ class UNet2DConditionModel(nn.Module):
         elif text_embeds is not None or time_ids is not None:
             raise ValueError("text_embeds/time_ids were given, but this UNet has no added conditioning (not SDXL)")
         if self.ops.joint_time_projections and self._time_projections[0]:
-            emb = joint_time_projections(*self._time_projections, emb)
+            joint = joint_block_biases if self.ops.joint_block_biases and self.ops.fold_bias else joint_time_projections
+            emb = joint(*self._time_projections, emb)
 
         kv = cross_attention_kv if cross_attention_kv is not None else self.cross_attention_kv(encoder_hidden_states)
         if kv is not None:  # the blocks pass the text down to the layers, which take their k and v from it
