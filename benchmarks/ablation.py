@@ -42,6 +42,9 @@ Variants (diffrt.models.ops records built from TRITON_OPS with one entry put bac
   + block biases in joint passes
                             the ResNet blocks' bias sums (time projection + conv1's bias, conv2's + the shortcut's)
                             as one add each for all blocks of a step (ops.joint_block_biases)
+  + transformer residual in its GEMM
+                            each Transformer2D's GroupNorm also writes x + proj_out's bias, proj_out's GEMM adds
+                            into it: no add kernel for the outer residual (ops.group_norm_plus)
   + programmatic dependent launch
                             every Triton kernel launched to start while its predecessor finishes, waiting in-kernel
                             for its memory (kernels/grid_dependency.py): the same ops, other launches
@@ -135,6 +138,7 @@ VARIANTS = {
     },
     "+ programmatic dependent launch": (T, True),
     "+ block biases in joint passes": (dataclasses.replace(T, joint_block_biases=True), True),
+    "+ transformer residual in its GEMM": (dataclasses.replace(T, group_norm_plus=ops.group_norm_plus_triton), True),
 }
 # Variants that change how the kernels are launched rather than which ops run: their timings (and graph captures)
 # run inside this context.

@@ -24,8 +24,8 @@
 #          the kernels phase's (tests/test_candidates_gpu.py, test_softmax.py)
 #   attention: benchmarks/attention_variants.py (every exponential mode of the attention kernel with each tile config
 #          against SDPA at the UNets' shapes), the GPU tests of the modes, of programmatic dependent launch and of
-#          the joint block biases (ATTN_TEST_K), what a kernel boundary costs with and without PDL
-#          (benchmarks/launch_gaps.py) and, unless ATTN_ABLATION=0, the ablation of all three (ATTN_VARIANTS) for
+#          the two residual candidates (ATTN_TEST_K), what a kernel boundary costs with and without PDL
+#          (benchmarks/launch_gaps.py) and, unless ATTN_ABLATION=0, the ablation of all of them (ATTN_VARIANTS) for
 #          ATTN_ARCHS (default sd21,sd15) at ATTN_SIZES (default 1024,512); the logs come back as attention_logs.tgz
 #   profile: benchmarks/profile_components.py, kernel by kernel against the FLOP and weight-read floors, for PRESETS
 #   (default "sd21 sdxl") at PROFILE_SIZES (default "512 1024"), a JSON each (minutes, a guess)
@@ -117,12 +117,12 @@ attention)
   export TRITON_CACHE_DIR=/tmp/diffrt-cache
   stage attention_variants ${VARIANTS_S:-200} python3 benchmarks/attention_variants.py --shapes "${VARIANT_SHAPES:-0,2,3,4,6,1,7,8,5}" --precompile 12 --budget-s $(( ${VARIANTS_S:-200} - 50 )) --commit "$C" --out "$OUT/attention_variants.json"
   cat "$OUT/attention_variants.log"
-  stage attention_tests ${ATTN_TEST_S:-100} python3 -m pytest -q --tb=short -m gpu -p no:cacheprovider -k "${ATTN_TEST_K:-exponential or pdl or joint_block_biases}" tests/test_attention.py tests/test_grid_dependency.py tests/test_candidates_gpu.py
+  stage attention_tests ${ATTN_TEST_S:-100} python3 -m pytest -q --tb=short -m gpu -p no:cacheprovider -k "${ATTN_TEST_K:-exponential or pdl or joint_block_biases or group_norm_plus}" tests/test_attention.py tests/test_grid_dependency.py tests/test_candidates_gpu.py
   grep -E "passed|failed|Error" "$OUT/attention_tests.log" | tail -n 12
   stage launch_gaps 40 python3 benchmarks/launch_gaps.py --commit "$C" --out "$OUT/launch_gaps.json"
   cat "$OUT/launch_gaps.log"
   if [ "${ATTN_ABLATION:-1}" = 1 ]; then
-    stage ablation ${ABLATION_S:-230} python3 benchmarks/ablation.py --archs "${ATTN_ARCHS:-sd21,sd15}" --sizes "${ATTN_SIZES:-1024,512}" --variants "${ATTN_VARIANTS:-diffrt,+ half2 exponentials and long self-attention,+ split exponentials and long self-attention,+ programmatic dependent launch,+ block biases in joint passes}" --budget-s $(( ${ABLATION_S:-230} - 25 )) --commit "$C" --out "$OUT/ablation.json"
+    stage ablation ${ABLATION_S:-230} python3 benchmarks/ablation.py --archs "${ATTN_ARCHS:-sd21,sd15}" --sizes "${ATTN_SIZES:-1024,512}" --variants "${ATTN_VARIANTS:-diffrt,+ half2 exponentials and long self-attention,+ split exponentials and long self-attention,+ programmatic dependent launch,+ block biases in joint passes,+ transformer residual in its GEMM}" --budget-s $(( ${ABLATION_S:-230} - 25 )) --commit "$C" --out "$OUT/ablation.json"
     cat "$OUT/ablation.md" 2>/dev/null
   fi
   # at most 8 files come back: the logs in one archive

@@ -66,7 +66,8 @@ def _group_norm_fused_kernel(
     X,  # [N, C, S] input; strides (sxn, sxc, sxs) cover NCHW (sxs == 1) and channels-last (sxc == 1)
     R,  # [N, C, S] residual added before the norm (strides may be 0 to broadcast), or X when unused
     Y,  # [N, C, S] output, strides (syn, syc, sys)
-    HSUM,  # [N, C, S] x + residual written when WRITE_SUM (same strides as Y), else Y
+    HSUM,  # [N, C, S] x + residual (+ plus) written when WRITE_SUM (same strides as Y), else Y
+    PLUS,  # [C] added to what HSUM stores but not normalised (HAS_PLUS), or X when unused
     W,  # [C] weight, or X when unused
     B,  # [C] bias, or X when unused
     sxn,  # x sample stride
@@ -87,6 +88,7 @@ def _group_norm_fused_kernel(
     HAS_B: tl.constexpr,  # bias given
     HAS_RES: tl.constexpr,  # residual given
     WRITE_SUM: tl.constexpr,  # also store x + residual
+    HAS_PLUS: tl.constexpr,  # the stored sum also adds PLUS
     SILU: tl.constexpr,  # fuse SiLU
     BLOCK_C: tl.constexpr,  # power of two >= CG
     BLOCK_S: tl.constexpr,  # spatial positions per tile
@@ -132,6 +134,9 @@ def _group_norm_fused_kernel(
         shift = tl.load(B + c, mask=c_ok, other=0.0).to(tl.float32)
     scale = scale * rstd
     shift = shift - mean * scale
+    plus = tl.zeros([BLOCK_C], tl.float32)
+    if HAS_PLUS:
+        plus = tl.load(PLUS + c, mask=c_ok, other=0.0).to(tl.float32)
 
     y_base = Y + n.to(tl.int64) * syn
     hs_base = HSUM + n.to(tl.int64) * syn
@@ -147,6 +152,8 @@ def _group_norm_fused_kernel(
         offs = s[:, None] * sys + c[None, :] * syc
         tl.store(y_base + offs, y.to(Y.dtype.element_ty), mask=mask)
         if WRITE_SUM:
+            if HAS_PLUS:
+                h += plus[None, :]
             tl.store(hs_base + offs, h.to(HSUM.dtype.element_ty), mask=mask)
 
 
@@ -325,7 +332,8 @@ def _group_norm_apply_kernel(
     X,  # [N, C, S] input
     R,  # [N, C, S] residual, or X when unused
     Y,  # [N, C, S] output
-    HSUM,  # [N, C, S] x + residual out when WRITE_SUM, else Y
+    HSUM,  # [N, C, S] x + residual (+ plus) out when WRITE_SUM, else Y
+    PLUS,  # [C] added to what HSUM stores but not normalised (HAS_PLUS), or X when unused
     SCALE,  # [N, C] fp32 per-channel scale
     SHIFT,  # [N, C] fp32 per-channel shift
     sxn,  # x sample stride
@@ -341,6 +349,7 @@ def _group_norm_apply_kernel(
     S,  # spatial size
     HAS_RES: tl.constexpr,  # residual given
     WRITE_SUM: tl.constexpr,  # also store x + residual
+    HAS_PLUS: tl.constexpr,  # the stored sum also adds PLUS
     SILU: tl.constexpr,  # fuse SiLU
     C_INNER: tl.constexpr,  # channels-last memory order
     BLOCK_S: tl.constexpr,  # spatial positions per tile
@@ -377,6 +386,8 @@ def _group_norm_apply_kernel(
     offs = n.to(tl.int64) * syn + s[:, None] * sys + c[None, :] * syc
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
     if WRITE_SUM:
+        if HAS_PLUS:
+            h += tl.load(PLUS + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(HSUM + offs, h.to(HSUM.dtype.element_ty), mask=mask)
 
 
@@ -547,16 +558,26 @@ def group_norm(
     algorithm: str = "auto",
     out: torch.Tensor | None = None,
     stats: GroupStats | None = None,
+    sum_plus: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """silu?(group_norm(x + residual?)), same shape, dtype and memory format as x (or written into `out`).
 
     residual has x's shape, or is per-channel ([N, C, 1, 1], e.g. the ResNet block's time embedding). With
-    return_sum=True the kernel also writes x + residual and returns (y, x + residual). algorithm is "auto",
+    return_sum=True the kernel also writes x + residual and returns (y, x + residual); sum_plus ([C], x's dtype)
+    is added to that sum but not normalised (the Transformer2D's output projection bias, for its residual GEMM's C
+    matrix: the model's Transformer2DModel). algorithm is "auto",
     "fused" or "split" (see the module docstring); the first call per shape autotunes, so call once before
     capturing a CUDA graph. stats: x's statistics from its producer (`bias_add_with_stats`), used by the split path
     in place of its own pass over x when they are x's and there is no residual.
     """
-    _check_inputs(x, num_groups, weight, bias, residual, return_sum)
+    _check_inputs(x, num_groups, weight, bias, residual, return_sum and sum_plus is None)
+    if sum_plus is not None and (
+        not return_sum or sum_plus.shape != x.shape[1:2] or sum_plus.dtype != x.dtype or sum_plus.device != x.device
+    ):
+        raise ValueError(
+            f"sum_plus must be a ({x.shape[1]},) {x.dtype} tensor on {x.device} with return_sum=True, got "
+            f"{tuple(sum_plus.shape)} {sum_plus.dtype} on {sum_plus.device}, return_sum={return_sum}"
+        )
     if algorithm not in ("auto", "fused", "split"):
         raise ValueError(f"algorithm {algorithm!r} is not one of 'auto', 'fused', 'split'")
     n, c = x.shape[:2]
@@ -581,14 +602,15 @@ def group_norm(
         r, sr = x, (0, 0, 0)
     w = weight if weight is not None else x
     b = bias if bias is not None else x
-    flags = {"HAS_RES": residual is not None, "WRITE_SUM": return_sum, "SILU": silu}
+    pl = sum_plus if sum_plus is not None else x
+    flags = {"HAS_RES": residual is not None, "WRITE_SUM": return_sum, "HAS_PLUS": sum_plus is not None, "SILU": silu}
     g = num_groups
     if algorithm == "auto":
         algorithm = _choose_algorithm(n, c, g, s)
 
     if algorithm == "fused":
         _group_norm_fused_kernel[(n * g,)](
-            x, r, y, hsum, w, b, *sx, *sr, *sy, c, s, g, c // g, eps,
+            x, r, y, hsum, pl, w, b, *sx, *sr, *sy, c, s, g, c // g, eps,
             HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_C=triton.next_power_of_2(c // g), **flags,
             **launch_options(x.device),
         )  # fmt: skip
@@ -620,7 +642,7 @@ def group_norm(
     def apply_grid(meta):
         return (n * triton.cdiv(s, meta["BLOCK_S"]) * triton.cdiv(c, meta["BLOCK_C"]),)
 
-    _group_norm_apply_kernel[apply_grid](x, r, y, hsum, scale, shift, *sx, *sr, *sy, c, s, C_INNER=c_inner, **flags,
+    _group_norm_apply_kernel[apply_grid](x, r, y, hsum, pl, scale, shift, *sx, *sr, *sy, c, s, C_INNER=c_inner, **flags,
                                          **launch_options(x.device))  # fmt: skip
     return (y, hsum) if return_sum else y
 
@@ -635,10 +657,13 @@ def group_norm_reference(
     silu: bool = False,
     residual: torch.Tensor | None = None,
     return_sum: bool = False,
+    sum_plus: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Plain torch: F.group_norm (+ F.silu), in x's dtype. The tests' reference (on fp32 copies) and the peer."""
     h = x if residual is None else x + residual
     y = F.group_norm(h, num_groups, weight, bias, eps)
     if silu:
         y = F.silu(y)
+    if sum_plus is not None:
+        h = h + sum_plus.view(1, -1, *[1] * (x.dim() - 2))
     return (y, h) if return_sum else y

@@ -41,6 +41,7 @@ EXPECTED = {
     },
     "+ programmatic dependent launch": ((), True),
     "+ block biases in joint passes": (("joint_block_biases",), True),
+    "+ transformer residual in its GEMM": (("group_norm_plus",), True),
 }
 
 
@@ -62,6 +63,7 @@ def test_each_variant_switches_off_only_what_it_names(name):
         "upsample_conv",  # off on the fast path as on torch's: upsampling, then the convolution
         "joint_time_projections",
         "joint_block_biases",  # a candidate switched on
+        "group_norm_plus",  # a candidate switched on
     }:
         assert getattr(variant, f) == getattr(ops.TORCH_OPS, f), f"{name}: {f}"
 

@@ -28,7 +28,11 @@ LATEST = ("fuse_projections", "taesd_epilogues", "fuse_residuals", "fuse_text_re
           "upsample_conv", "joint_time_projections", "joint_cross_attention")  # fmt: skip
 # each latest one as torch's ops have it: off (False, or None for an op that replaces a pair of layers)
 WITHOUT = dataclasses.replace(TRITON_OPS, name="triton-previous", **{f: getattr(TORCH_OPS, f) for f in LATEST})
-CANDIDATES = {"geglu_linear": ops.geglu_linear_triton, "joint_block_biases": True}
+CANDIDATES = {
+    "geglu_linear": ops.geglu_linear_triton,
+    "joint_block_biases": True,
+    "group_norm_plus": ops.group_norm_plus_triton,
+}
 EXACT = {"joint_block_biases"}  # the same fp16 sums in fewer passes: the same images bit for bit
 
 
@@ -71,8 +75,8 @@ def test_the_fast_path_is_as_close_to_fp32_as_without_them(taesd, height, width,
 @gpu
 @pytest.mark.parametrize(
     "candidate,taesd",
-    [("geglu_linear", False), ("joint_block_biases", False)],
-    ids=["geglu_linear", "joint_block_biases"],
+    [("geglu_linear", False), ("joint_block_biases", False), ("group_norm_plus", False)],
+    ids=["geglu_linear", "joint_block_biases", "group_norm_plus"],
 )  # TAESD too, where a candidate touches the decoder
 @pytest.mark.parametrize("height,width", [(64, 64), (64, 96)])
 def test_each_candidate_is_as_close_to_fp32_as_the_fast_path(candidate, taesd, height, width, monkeypatch):

@@ -101,6 +101,34 @@ def test_residual_full_with_sum(algorithm, channels_last, small_splits):
 
 
 @pytest.mark.parametrize("algorithm", ["fused", "split"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["x", "x+residual"])
+def test_sum_plus_is_added_to_the_sum_and_not_normalised(algorithm, channels_last, with_residual, small_splits):
+    # The Transformer2D's norm also writes x + its output projection's bias, the residual GEMM's C matrix.
+    atol, rtol = TOLERANCES[torch.float16]
+    x, w, b = _inputs((2, 20, 7, 9), 4, torch.float16, channels_last)
+    r = _inputs((2, 20, 7, 9), 4, torch.float16, channels_last, seed=1)[0] if with_residual else None
+    plus = torch.randn(20, generator=torch.Generator().manual_seed(5)).to(x.device, x.dtype) * 3
+    y, hsum = group_norm(x, 4, w, b, residual=r, return_sum=True, sum_plus=plus, algorithm=algorithm)
+    h = x if r is None else x + r
+    check_output(y, group_norm_reference(h.float(), 4, w.float(), b.float()), group_norm_reference(h, 4, w, b),
+                 atol, rtol, "sum_plus")  # fmt: skip
+    h32 = x.float() if r is None else x.float() + r.float()  # one rounding of the whole sum, as the kernel's
+    torch.testing.assert_close(hsum, (h32 + plus.float()[:, None, None]).half(), atol=0, rtol=0)
+    assert hsum.stride() == y.stride()
+    _, want = group_norm_reference(x, 4, w, b, residual=r, return_sum=True, sum_plus=plus)
+    torch.testing.assert_close(hsum.float(), want.float(), atol=2e-3, rtol=2e-3)
+
+
+def test_sum_plus_needs_a_channel_vector_and_return_sum():
+    x, w, b = _inputs((1, 8, 4, 4), 4, torch.float16)
+    with pytest.raises(ValueError, match="sum_plus must be a"):
+        group_norm(x, 4, w, b, sum_plus=torch.zeros(8, dtype=x.dtype, device=x.device))
+    with pytest.raises(ValueError, match="sum_plus must be a"):
+        group_norm(x, 4, w, b, return_sum=True, sum_plus=torch.zeros(4, dtype=x.dtype, device=x.device))
+
+
+@pytest.mark.parametrize("algorithm", ["fused", "split"])
 def test_residual_per_channel(algorithm, small_splits):
     # The ResNet block adds its time embedding [N, C] before norm2.
     atol, rtol = TOLERANCES[torch.float16]

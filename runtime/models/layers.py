@@ -304,6 +304,10 @@ class Transformer2DModel(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c, hgt, wid = x.shape
+        ops = self.norm.ops
+        fused = ops.group_norm_plus is not None and ops.fold_bias and self.proj_out.bias is not None
+        if fused and x.is_contiguous(memory_format=torch.channels_last):
+            return self._with_residual_in_the_gemm(x, context)
         h = self.norm(x)
         if self.use_linear_projection:
             h = self.proj_in(h.flatten(2).transpose(1, 2))
@@ -317,6 +321,22 @@ class Transformer2DModel(nn.Module):
         if not self.proj_out.ops.fold_bias:
             return x + self.proj_out(h)
         return self.proj_out.ops.bias_add(self.proj_out.unbiased(h), self.proj_out.bias, x)
+
+    def _with_residual_in_the_gemm(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """forward, with the norm also writing r = x + proj_out's bias and proj_out's GEMM adding its product to r in
+        place: channels-last x is [N, H*W, C] in memory, the projection's tokens (a 1x1 convolution's too)."""
+        b, c, hgt, wid = x.shape
+        norm = self.norm
+        h, r = norm.ops.group_norm_plus(x, norm.num_groups, norm.weight, norm.bias, norm.eps, self.proj_out.bias)
+        if self.use_linear_projection:
+            h = self.proj_in(h.flatten(2).transpose(1, 2))
+        else:
+            h = self.proj_in(h).flatten(2).transpose(1, 2)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        out = r.permute(0, 2, 3, 1).view(-1, c)  # r has x's channels-last strides
+        torch.addmm(out, h.reshape(-1, h.shape[-1]), self.proj_out.weight.view(c, -1).t(), out=out)
+        return r
 
 
 class Downsample2D(nn.Module):

@@ -99,6 +99,12 @@ class Ops:
     # for all blocks of a step instead of one tiny add per block (36 launches in SD's UNet; diffrt.models.layers
     # joint_block_biases). The same fp16 sums. Off in TRITON_OPS until measured (benchmarks/NOTES_kernels.md run 24).
     joint_block_biases: bool = False
+    # (x [N, C, H, W], num_groups, weight, bias, eps, plus [C]) -> (group_norm(x), x + plus): the Transformer2D's
+    # GroupNorm also writing x + its output projection's bias, which that projection's GEMM then takes as its C
+    # matrix (cuBLAS adds it in its epilogue), so the block's outer residual needs no add kernel of its own (16 a
+    # step in SD's UNet; diffrt.models.layers.Transformer2DModel). None: the projection, then the add. A candidate,
+    # None in TRITON_OPS until measured (benchmarks/NOTES_kernels.md run 25).
+    group_norm_plus: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
     # Every cross-attention layer's keys and values of the text (16 GEMMs of M = 77 a step in SD's UNet, 70 in
     # SDXL's) as one GEMM, and in a sampler loop once per generation rather than once per step (the denoiser role's
     # `prepare`; diffrt.models.cross_attention_kv). On in TRITON_OPS (H100: UNet step SDXL -0.18..-0.21 ms, SD2.1
@@ -184,6 +190,23 @@ def group_norm_triton(
         residual = residual.expand(x.shape[0], *residual.shape[1:])
     stats = x.__dict__.pop(_GROUP_STATS, None)  # from bias_add_stats_triton, if x came from there
     return kernel(x, num_groups, weight, bias, eps, silu=silu, residual=residual, stats=stats)
+
+
+def group_norm_plus_torch(
+    x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float, plus: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return F.group_norm(x, num_groups, weight, bias, eps), x + _per_channel(plus, x)
+
+
+def group_norm_plus_triton(
+    x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float, plus: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if not _on_kernels(x) or plus.dtype != x.dtype:
+        return group_norm_plus_torch(x, num_groups, weight, bias, eps, plus)
+    from diffrt.kernels.group_norm import group_norm as kernel
+
+    stats = x.__dict__.pop(_GROUP_STATS, None)  # from bias_add_stats_triton, if x came from there
+    return kernel(x, num_groups, weight, bias, eps, return_sum=True, sum_plus=plus, stats=stats)
 
 
 def bias_add_triton(
