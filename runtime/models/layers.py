@@ -325,7 +325,7 @@ class Transformer2DModel(nn.Module):
     def _with_residual_in_the_gemm(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """forward, with the norm also writing r = x + proj_out's bias and proj_out's GEMM adding its product to r in
         place: channels-last x is [N, H*W, C] in memory, the projection's tokens (a 1x1 convolution's too)."""
-        b, c, hgt, wid = x.shape
+        c = x.shape[1]
         norm = self.norm
         h, r = norm.ops.group_norm_plus(x, norm.num_groups, norm.weight, norm.bias, norm.eps, self.proj_out.bias)
         if self.use_linear_projection:
