@@ -308,13 +308,7 @@ class Transformer2DModel(nn.Module):
         fused = ops.group_norm_plus is not None and ops.fold_bias and self.proj_out.bias is not None
         if fused and x.is_contiguous(memory_format=torch.channels_last):
             return self._with_residual_in_the_gemm(x, context)
-        h = self.norm(x)
-        if self.use_linear_projection:
-            h = self.proj_in(h.flatten(2).transpose(1, 2))
-        else:
-            h = self.proj_in(h).flatten(2).transpose(1, 2)
-        for block in self.transformer_blocks:
-            h = block(h, context)
+        h = self._blocks(self.norm(x), context)
         if self.use_linear_projection:
             return x + self.proj_out(h).transpose(1, 2).reshape(b, c, hgt, wid)
         h = h.transpose(1, 2).reshape(b, -1, hgt, wid)
@@ -322,18 +316,23 @@ class Transformer2DModel(nn.Module):
             return x + self.proj_out(h)
         return self.proj_out.ops.bias_add(self.proj_out.unbiased(h), self.proj_out.bias, x)
 
-    def _with_residual_in_the_gemm(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """forward, with the norm also writing r = x + proj_out's bias and proj_out's GEMM adding its product to r in
-        place: channels-last x is [N, H*W, C] in memory, the projection's tokens (a 1x1 convolution's too)."""
-        c = x.shape[1]
-        norm = self.norm
-        h, r = norm.ops.group_norm_plus(x, norm.num_groups, norm.weight, norm.bias, norm.eps, self.proj_out.bias)
+    def _blocks(self, h: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The normalised [N, C, H, W] input projected into tokens [N, H*W, inner] and through the blocks."""
         if self.use_linear_projection:
             h = self.proj_in(h.flatten(2).transpose(1, 2))
         else:
             h = self.proj_in(h).flatten(2).transpose(1, 2)
         for block in self.transformer_blocks:
             h = block(h, context)
+        return h
+
+    def _with_residual_in_the_gemm(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """forward, with the norm also writing r = x + proj_out's bias and proj_out's GEMM adding its product to r in
+        place: channels-last x is [N, H*W, C] in memory, the projection's tokens (a 1x1 convolution's too)."""
+        c = x.shape[1]
+        norm = self.norm
+        h, r = norm.ops.group_norm_plus(x, norm.num_groups, norm.weight, norm.bias, norm.eps, self.proj_out.bias)
+        h = self._blocks(h, context)
         out = r.permute(0, 2, 3, 1).view(-1, c)  # r has x's channels-last strides
         torch.addmm(out, h.reshape(-1, h.shape[-1]), self.proj_out.weight.view(c, -1).t(), out=out)
         return r
