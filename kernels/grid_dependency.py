@@ -38,8 +38,9 @@ _ON = {"PDL": True, "launch_pdl": True}
 def launch_options(device: torch.device) -> dict:
     """A kernel launch's keyword arguments: its PDL constexpr and Triton's launch_pdl option, both the same (a
     shared dict: the launches only unpack it)."""
-    on = ENABLED and not INTERPRET and device.type == "cuda" and _supported(device.index or 0)
-    return _ON if on else _OFF
+    if not ENABLED or INTERPRET or device.type != "cuda":
+        return _OFF
+    return _ON if _supported(device.index if device.index is not None else torch.cuda.current_device()) else _OFF
 
 
 @contextlib.contextmanager

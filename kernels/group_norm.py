@@ -428,7 +428,7 @@ def _partials(n: int, c: int, s: int, channels_last: bool, device: torch.device)
     return split, chunk, pmean, torch.empty_like(pmean)
 
 
-def _check_inputs(x, num_groups, weight, bias, residual, return_sum) -> None:
+def _check_inputs(x, num_groups, weight, bias, residual, return_sum, sum_plus=None) -> None:
     allowed = (torch.float32, torch.float16, torch.bfloat16)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -470,8 +470,15 @@ def _check_inputs(x, num_groups, weight, bias, residual, return_sum) -> None:
             )
         if return_sum and residual.shape != x.shape:
             raise ValueError("return_sum needs a residual of x's full shape")
-    elif return_sum:
-        raise ValueError("return_sum=True needs a residual")
+    elif return_sum and sum_plus is None:
+        raise ValueError("return_sum=True needs a residual or a sum_plus")
+    if sum_plus is not None and (
+        not return_sum or sum_plus.shape != x.shape[1:2] or sum_plus.dtype != x.dtype or sum_plus.device != x.device
+    ):
+        raise ValueError(
+            f"sum_plus must be a ({x.shape[1]},) {x.dtype} tensor on {x.device} with return_sum=True, got "
+            f"{tuple(sum_plus.shape)} {sum_plus.dtype} on {sum_plus.device}, return_sum={return_sum}"
+        )
 
 
 def _flat_strides(t: torch.Tensor, name: str) -> tuple[int, int, int]:
@@ -570,14 +577,7 @@ def group_norm(
     capturing a CUDA graph. stats: x's statistics from its producer (`bias_add_with_stats`), used by the split path
     in place of its own pass over x when they are x's and there is no residual.
     """
-    _check_inputs(x, num_groups, weight, bias, residual, return_sum and sum_plus is None)
-    if sum_plus is not None and (
-        not return_sum or sum_plus.shape != x.shape[1:2] or sum_plus.dtype != x.dtype or sum_plus.device != x.device
-    ):
-        raise ValueError(
-            f"sum_plus must be a ({x.shape[1]},) {x.dtype} tensor on {x.device} with return_sum=True, got "
-            f"{tuple(sum_plus.shape)} {sum_plus.dtype} on {sum_plus.device}, return_sum={return_sum}"
-        )
+    _check_inputs(x, num_groups, weight, bias, residual, return_sum, sum_plus)
     if algorithm not in ("auto", "fused", "split"):
         raise ValueError(f"algorithm {algorithm!r} is not one of 'auto', 'fused', 'split'")
     n, c = x.shape[:2]

@@ -208,7 +208,7 @@ def test_rejects_bad_inputs():
         group_norm(x[:, :, :, ::2], 4)
     with pytest.raises(ValueError, match=r"algorithm 'fast' is not one of"):
         group_norm(x, 4, algorithm="fast")
-    with pytest.raises(ValueError, match=r"return_sum=True needs a residual"):
+    with pytest.raises(ValueError, match=r"return_sum=True needs a residual or a sum_plus"):
         group_norm(x, 4, return_sum=True)
     with pytest.raises(ValueError, match=r"out must match x"):
         group_norm(x, 4, out=x.float())

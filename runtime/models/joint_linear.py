@@ -29,16 +29,19 @@ class JointLinear:
         self.joinable = len({layer.bias is None for layer in linears}) == 1
 
     def __call__(self, x: Tensor) -> tuple[Tensor, ...]:
-        if not self.joinable or torch.is_grad_enabled() or not self._ready(x):
+        if not self._joins(x):
             return tuple(layer(x) for layer in self.linears)
         return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
 
     def unsplit(self, x: Tensor) -> Tensor:
         """The layers' outputs side by side on the last dimension (out_features of each, in order), one GEMM where
         it can."""
-        if not self.joinable or torch.is_grad_enabled() or not self._ready(x):
+        if not self._joins(x):
             return torch.cat([layer(x) for layer in self.linears], dim=-1)
         return F.linear(x, self.weight, self.bias)
+
+    def _joins(self, x: Tensor) -> bool:
+        return self.joinable and not torch.is_grad_enabled() and self._ready(x)
 
     def release(self) -> None:
         """Drop the joint tensors (the layers' weights have become views of another joint, which now holds them);
